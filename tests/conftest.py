@@ -1,0 +1,60 @@
+"""Shared fixtures: offline stand-ins for the hub artefacts, built with the same formats."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_script(script, *flags, timeout=600):
+    """Run a top-level script as a user would; returns the CompletedProcess (never raises on failure)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+@pytest.fixture(scope="session")
+def pythia_like(tmp_path_factory):
+    """A randomly initialised Pythia-architecture policy and reward model, a tokenizer with Pythia's
+    special-token settings (EOS "<|endoftext|>" at id 0, no pad token, more embedding rows than tokens)
+    and a local dataset with the schema of trl-internal-testing/tldr-preference-sft-trl-style."""
+    import torch
+    from datasets import Dataset, DatasetDict
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("pythia_like")
+    words = "SUBREDDIT: r/relationships r/tifu TITLE: POST: TL;DR: my friend and I went to the store today it was fun but we lost keys".split()
+    vocab = {"<|endoftext|>": 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(words))}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>")
+    config = GPTNeoXConfig(vocab_size=len(vocab) + 8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=256, rotary_pct=0.25, use_parallel_residual=True,
+                           tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(config).save_pretrained(root / "sft")
+    GPTNeoXForSequenceClassification(GPTNeoXConfig(**{**config.to_dict(), "num_labels": 1})).save_pretrained(root / "reward")
+    tokenizer.save_pretrained(root / "tokenizer")
+
+    def rows(n, offset):
+        for i in range(n):
+            post = " ".join(words[8 + (i + j) % (len(words) - 8)] for j in range(5 + i % 7))
+            prompt = f"SUBREDDIT: r/tifu\n\nTITLE: {words[8 + i % 5]} today\n\nPOST: {post}\n\nTL;DR:"
+            yield {"id": f"t3_{offset + i}", "prompt": prompt,
+                   "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": " we lost keys"}]}
+
+    splits = DatasetDict({"train": Dataset.from_list(list(rows(64, 0))), "validation": Dataset.from_list(list(rows(16, 64)))})
+    for split, data in splits.items():
+        data.to_parquet(str(root / "dataset" / "data" / f"{split}-00000-of-00001.parquet"))
+    return {"sft_model_path": str(root / "sft"), "reward_model_path": str(root / "reward"),
+            "tokenizer_path": str(root / "tokenizer"), "dataset_name": str(root / "dataset")}

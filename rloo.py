@@ -24,6 +24,8 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+import datasets
+import transformers
 import tyro
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
@@ -87,8 +89,8 @@ class Args:
     num_mini_batches: int = 1
     """minibatches (optimizer steps) per epoch"""
     old_logprobs: Literal["forward", "generate"] = "forward"
-    """source of the sampling-time logprobs: a no-grad forward pass (exact ratio 1 at the first minibatch)
-    or the logits returned by generation (as TRL 0.11; differs under bf16, see the README)"""
+    """source of the sampling policy's logprobs (KL penalty and ratio): `forward` passes (the ratio is exactly 1 at
+    the first minibatch) or the logits generation returned (as TRL 0.11; they differ under bf16, see the README)"""
 
     # Optimisation
     total_episodes: int = 1_000_000
@@ -264,6 +266,8 @@ def load_or_exit(load, path, what, flag):
 
 
 def main(args: Args) -> None:
+    datasets.disable_progress_bars()  # one line per update is the progress display
+    transformers.utils.logging.disable_progress_bar()
     if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
         import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
 
@@ -429,7 +433,13 @@ def main(args: Args) -> None:
                         new_logprobs = response_logprobs(policy, query_responses[idx], attention_masks[idx],
                                                          context_length, args.temperature)
                     new_logprobs = new_logprobs.masked_fill(~response_mask[idx], 0.0)
-                    new_seq, old_seq = new_logprobs.sum(1), logprobs[idx].sum(1)
+                    first_minibatch = epoch == 0 and mb_start == 0
+                    old_logprobs = logprobs[idx]
+                    if first_minibatch and args.old_logprobs == "forward":
+                        # No optimizer step yet, so this forward IS the sampling policy: reusing it makes the ratio
+                        # exactly 1, where the rollout pass agrees only up to the rounding of another batch shape.
+                        old_logprobs = new_logprobs.detach()
+                    new_seq, old_seq = new_logprobs.sum(1), old_logprobs.sum(1)
                     loss, clipfrac = ppo_clip_loss(new_seq, old_seq, advantages[idx], args.cliprange)
                     scaler.scale(loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
@@ -438,8 +448,8 @@ def main(args: Args) -> None:
                         stats["clipfrac"].append(clipfrac)
                         stats["loss"].append(loss.detach())
                         stats["ratio"].append(log_ratio.exp())
-                        if epoch == 0 and mb_start == 0:
-                            diag_new.append(new_logprobs.detach()), diag_old.append(logprobs[idx]), diag_mask.append(response_mask[idx])
+                        if first_minibatch:
+                            diag_new.append(new_logprobs.detach()), diag_old.append(old_logprobs), diag_mask.append(response_mask[idx])
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 scaler.step(optimizer)

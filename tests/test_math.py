@@ -1,0 +1,126 @@
+"""The math of rloo.py pinned to the blog's worked numbers (MISSION.md items 5 and 6) and to hand-checked cases."""
+
+import pytest
+import torch
+
+from rloo import logprobs_from_logits, ppo_clip_loss, ratio_diagnostics, rloo_advantages
+
+
+def slow_leave_one_out(rewards, k):
+    """Reference: loop over prompts and completions, straight from the definition."""
+    batch = len(rewards) // k
+    advantages = [0.0] * len(rewards)
+    for prompt in range(batch):
+        own = [rewards[j * batch + prompt] for j in range(k)]
+        for j in range(k):
+            advantages[j * batch + prompt] = own[j] - (sum(own) - own[j]) / (k - 1)
+    return advantages
+
+
+def test_leave_one_out_matches_blog_example():
+    # 3 prompts x k=4 completions laid out as k blocks of the batch.
+    rewards = torch.tensor([1, 2, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10], dtype=torch.float64)
+    advantages = rloo_advantages(rewards, k=4)
+    assert advantages[0].item() == pytest.approx(1 - (2 + 5 + 8) / 3)
+    assert advantages[7].item() == pytest.approx(6 - (2 + 3 + 9) / 3)
+    assert advantages.tolist() == pytest.approx(slow_leave_one_out(rewards.tolist(), 4))
+
+
+@pytest.mark.parametrize("k,batch", [(2, 5), (3, 1), (4, 3), (8, 2)])
+def test_leave_one_out_matches_slow_loop_and_sums_to_zero_per_prompt(k, batch):
+    rewards = torch.randn(k * batch, generator=torch.Generator().manual_seed(k * 10 + batch), dtype=torch.float64)
+    advantages = rloo_advantages(rewards, k)
+    assert advantages.tolist() == pytest.approx(slow_leave_one_out(rewards.tolist(), k))
+    assert advantages.reshape(k, batch).sum(0).abs().max().item() < 1e-12
+
+
+def test_leave_one_out_k2_is_the_reward_difference_and_ties_give_zero():
+    # k=2, two prompts: the baseline of each completion is the other one's reward.
+    advantages = rloo_advantages(torch.tensor([3.0, 0.5, 1.0, 0.5]), k=2)
+    assert advantages.tolist() == [2.0, 0.0, -2.0, 0.0]
+
+
+def test_sequence_reward_matches_blog_example():
+    # The blog's toy uses the raw per-token KL as the per-token reward (kl_coef = -1 in rloo.py's terms)
+    # and puts a score of 1.0 on the EOS token: per-token rewards [-1.0, 0.1, 0.7], completion reward -0.2.
+    logprobs = torch.tensor([[-12.3, -8.3, -2.3]], dtype=torch.float64)
+    ref_logprobs = torch.tensor([[-11.3, -8.4, -2.0]], dtype=torch.float64)
+    kl = logprobs - ref_logprobs
+    assert kl[0].tolist() == pytest.approx([-1.0, 0.1, -0.3])
+    kl_coef, score = -1.0, 1.0
+    per_token = -kl_coef * kl + torch.tensor([[0.0, 0.0, score]], dtype=torch.float64)
+    assert per_token[0].tolist() == pytest.approx([-1.0, 0.1, 0.7])
+    rlhf_reward = score - kl_coef * kl.sum(1)  # how rloo.py forms the reward of the whole completion
+    assert rlhf_reward.item() == pytest.approx(-0.2)
+
+    # With a dummy per-token baseline [0.2, 0.3, 0.4]: per-token vs whole-completion REINFORCE.
+    baseline = torch.tensor([[0.2, 0.3, 0.4]], dtype=torch.float64)
+    token_advantages = per_token - baseline
+    assert token_advantages[0].tolist() == pytest.approx([-1.2, -0.2, 0.3])
+    token_losses = logprobs * token_advantages
+    assert token_losses[0].tolist() == pytest.approx([14.76, 1.66, -0.69])
+    assert token_losses.mean().item() == pytest.approx(5.2433, abs=1e-4)
+    sequence_advantage = rlhf_reward - baseline.sum(1)
+    assert sequence_advantage.item() == pytest.approx(-1.1)
+    assert (logprobs.sum(1) * sequence_advantage).item() == pytest.approx(25.19)
+
+    # rloo.py's loss on the sequence sum at ratio 1 has the REINFORCE gradient -A on every token.
+    new = logprobs.clone().requires_grad_(True)
+    loss, clipfrac = ppo_clip_loss(new.sum(1), logprobs.sum(1), sequence_advantage, cliprange=0.2)
+    loss.backward()
+    assert new.grad[0].tolist() == pytest.approx([1.1, 1.1, 1.1])
+    assert loss.item() == pytest.approx(1.1) and clipfrac.item() == 0.0
+
+
+def test_clip_loss_gradient_equals_reinforce_at_ratio_one_blog_example():
+    # logits [1, 2, 1, 1], action 1, advantage 1: both gradients are [-0.1749, 0.5246, -0.1749, -0.1749]
+    # (as ascent directions; the losses are their negatives).
+    expected = [-0.1749, 0.5246, -0.1749, -0.1749]
+    action, advantage = torch.tensor([1]), torch.tensor([1.0])
+    logits = torch.tensor([[1.0, 2.0, 1.0, 1.0]], requires_grad=True)
+    logprob = logprobs_from_logits(logits, action, temperature=1.0)
+    loss, _ = ppo_clip_loss(logprob, logprob.detach(), advantage, cliprange=0.2)
+    loss.backward()
+    assert (-logits.grad[0]).tolist() == pytest.approx(expected, abs=1e-4)
+
+    logits_reinforce = torch.tensor([[1.0, 2.0, 1.0, 1.0]], requires_grad=True)
+    (logprobs_from_logits(logits_reinforce, action, 1.0) * advantage).sum().backward()
+    assert logits_reinforce.grad[0].tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_clip_loss_zeroes_gradient_only_outside_the_trust_region():
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.5, 1.5, 0.5, 1.1])).requires_grad_(True)
+    advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    loss, clipfrac = ppo_clip_loss(new, old, advantages, cliprange=0.2)
+    loss.backward()
+    # ratio 1.5 with A > 0 and ratio 0.5 with A < 0 are clipped (no gradient); the other two are not.
+    assert new.grad.tolist() == pytest.approx([0.0, 1.5 / 4, 0.0, -1.1 / 4])
+    assert clipfrac.item() == 0.5
+    # max(-A r, -A clip(r)) per sample: -1.2, 1.5, 0.8, -1.1
+    assert loss.item() == pytest.approx((-1.2 + 1.5 + 0.8 - 1.1) / 4, abs=1e-6)
+
+
+def test_logprobs_from_logits_matches_tempered_log_softmax():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=generator)
+    tokens = torch.randint(0, 11, (3, 5), generator=generator)
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs_from_logits(logits, tokens, 0.7), expected, atol=1e-6)
+    assert logprobs_from_logits(logits.bfloat16(), tokens, 0.7).dtype == torch.float32
+
+
+def test_sequence_ratio_is_the_product_of_token_ratios():
+    generator = torch.Generator().manual_seed(1)
+    old = -torch.rand(4, 6, generator=generator) * 3
+    new = old + torch.randn(4, 6, generator=generator) * 0.05
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, 3:] = False  # a completion that ended early: its padding does not count
+    stats = ratio_diagnostics(new, old, mask, cliprange=0.2)
+    token_ratio = torch.exp(new - old)
+    products = torch.stack([token_ratio[i][mask[i]].prod() for i in range(4)])
+    assert stats["diag/ratio_seq_max"] == pytest.approx(products.max().item(), rel=1e-5)
+    assert stats["diag/ratio_seq_min"] == pytest.approx(products.min().item(), rel=1e-5)
+    assert stats["diag/ratio_token_max"] == pytest.approx(token_ratio[mask].max().item(), rel=1e-6)
+    same = ratio_diagnostics(old, old, mask, cliprange=0.2)
+    assert same["diag/ratio_token_std"] == 0.0 and same["diag/clipfrac_seq"] == 0.0 and same["diag/ratio_seq_mean"] == 1.0

@@ -1,0 +1,87 @@
+"""rloo.py run as a user runs it: a subprocess with flags, on offline stand-ins for the hub artefacts."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import run_script
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+TRL_METRICS = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+               "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "val/ratio",
+               "val/ratio_var", "val/num_eos_tokens", "lr", "episode", "eps"]
+DIAG_METRICS = [f"diag/ratio_{kind}_{stat}" for kind in ("token", "seq") for stat in ("mean", "std", "min", "max")]
+DIAG_METRICS += ["diag/clipfrac_token", "diag/clipfrac_seq"]
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def pythia_flags(paths, output_dir, *extra):
+    # The pythia-1b preset's settings, with the hub names swapped for the local stand-ins and small sizes.
+    return ["--model", "pythia-1b", "--sft-model-path", paths["sft_model_path"],
+            "--reward-model-path", paths["reward_model_path"], "--tokenizer-path", paths["tokenizer_path"],
+            "--dataset-name", paths["dataset_name"], "--output-dir", str(output_dir), "--dtype", "fp32",
+            "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2",
+            "--local-rollout-forward-batch-size", "8", "--response-length", "12", *extra]
+
+
+def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_script("rloo.py", *pythia_flags(pythia_like, output_dir, "--total-episodes", "48"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(output_dir)
+    assert [m["update"] for m in metrics] == [1, 2, 3]  # 48 episodes / (4 x 2 x 2 minibatches)
+    for name in TRL_METRICS + DIAG_METRICS:
+        assert all(torch.isfinite(torch.tensor(float(m[name]))) for m in metrics), name
+    assert metrics[-1]["episode"] == 48
+    assert metrics[0]["objective/kl"] == 0.0  # policy == reference before the first update
+    # --old-logprobs forward: at the first minibatch the ratio is exactly 1 and nothing is clipped.
+    assert all(m["diag/ratio_token_min"] == m["diag/ratio_token_max"] == 1.0 for m in metrics)
+    assert all(m["diag/clipfrac_seq"] == 0.0 for m in metrics)
+    assert metrics[-1]["lr"] == 0.0  # linear decay to zero over the run
+    args = json.load(open(output_dir / "args.json"))
+    assert args["sft_model_path"] == pythia_like["sft_model_path"] and args["batch_size"] == 16
+    # The saved policy reloads, with the [PAD] token the script added to Pythia's tokenizer.
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert tokenizer.pad_token == "[PAD]" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    policy = AutoModelForCausalLM.from_pretrained(output_dir)
+    initial = AutoModelForCausalLM.from_pretrained(pythia_like["sft_model_path"])
+    changed = [not torch.equal(a, b) for a, b in zip(policy.parameters(), initial.parameters())]
+    assert any(changed)
+    assert policy.generation_config.temperature in (None, 1.0)  # the sampling config is not saved with the model
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rloo-k", "1"], "--rloo-k must be at least 2"),
+    (["--rloo-k", "3"], "--rloo-k 3 must divide"),
+    (["--response-length", "0"], "--response-length"),
+    (["--total-episodes", "8"], "less than one update"),
+    (["--prompt-column", "text"], "no column 'text'"),
+    (["--max-prompt-length", "2"], "prompts fit --max-prompt-length"),
+])
+def test_bad_input_gets_one_line_error_and_writes_nothing(pythia_like, tmp_path, flags, message):
+    output_dir = tmp_path / "run"
+    result = run_script("rloo.py", *pythia_flags(pythia_like, output_dir, "--total-episodes", "48", *flags))
+    assert result.returncode != 0
+    assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+    assert not output_dir.exists()
+
+
+def test_missing_model_and_unknown_preset_are_refused(pythia_like, tmp_path):
+    flags = pythia_flags(pythia_like, tmp_path / "run", "--total-episodes", "48")
+    flags[flags.index("--sft-model-path") + 1] = str(tmp_path / "nowhere")
+    result = run_script("rloo.py", *flags)
+    assert result.returncode != 0 and "--sft-model-path" in result.stderr.splitlines()[-1]
+    result = run_script("rloo.py", "--model", "pythia-70b")
+    assert result.returncode != 0 and "unknown --model 'pythia-70b'" in result.stderr
+
+
+def test_help_shows_the_chosen_presets_defaults():
+    result = run_script("rloo.py", "--model", "pythia-1b", "--help")
+    assert result.returncode == 0
+    assert "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr" in result.stdout
+    assert "trl-internal-testing/tldr-preference-sft-trl-style" in result.stdout

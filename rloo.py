@@ -65,7 +65,7 @@ class Args:
     max_prompt_length: int = 512
     """prompts with more tokens are dropped"""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """compute precision (autocast); the policy and reference policy keep fp32 weights, the reward model is stored in it"""
+    """compute precision (autocast); policy and reference keep fp32 weights, the reward model is stored in it"""
 
     # Sampling
     response_length: int = 53
@@ -179,16 +179,18 @@ def check_args(args: Args) -> None:
     args.mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
     args.batch_size = args.mini_batch_size * args.num_mini_batches
     args.num_updates = args.total_episodes // args.batch_size if args.batch_size > 0 else 0
+    sizes = (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_mini_batches,
+             args.num_ppo_epochs, args.local_rollout_forward_batch_size)
     problems = [
         (args.rloo_k < 2, f"--rloo-k must be at least 2 (got {args.rloo_k}): the baseline needs other completions"),
-        (min(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_mini_batches,
-             args.num_ppo_epochs, args.local_rollout_forward_batch_size) < 1, "batch sizes, steps and epochs must be >= 1"),
-        (args.batch_size % args.rloo_k != 0, f"--rloo-k {args.rloo_k} must divide the {args.batch_size} completions per update "
-         "(per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches)"),
+        (min(sizes) < 1, "batch sizes, accumulation steps, minibatches and epochs must all be >= 1"),
+        (args.batch_size % args.rloo_k != 0, f"--rloo-k {args.rloo_k} must divide the {args.batch_size} completions "
+         "per update (per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches)"),
         (args.response_length < 1, f"--response-length must be >= 1 (got {args.response_length})"),
         (args.max_prompt_length < 1, f"--max-prompt-length must be >= 1 (got {args.max_prompt_length})"),
         (args.temperature <= 0, f"--temperature must be > 0 (got {args.temperature})"),
-        (args.num_updates < 1, f"--total-episodes {args.total_episodes} is less than one update of {args.batch_size} completions"),
+        (args.num_updates < 1, f"--total-episodes {args.total_episodes} is less than one update "
+         f"of {args.batch_size} completions"),
         (args.cliprange <= 0, f"--cliprange must be > 0 (got {args.cliprange})"),
     ]
     for failed, message in problems:
@@ -292,6 +294,7 @@ def main(args: Args) -> None:
     data_generator = torch.Generator().manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    temperature = args.temperature
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=args.dtype != "fp32")  # noqa: E731
 
     # Tokenizer: Pythia has no pad token; a distinct [PAD] keeps padding apart from EOS (Huang et al.).
@@ -334,13 +337,14 @@ def main(args: Args) -> None:
                           args.sft_model_path, "SFT policy", "--sft-model-path").to(device).eval()
     ref_policy = load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
                               args.sft_model_path, "SFT policy", "--sft-model-path").to(device).eval()
-    reward_model = load_or_exit(lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1),
-                                args.reward_model_path, "reward model", "--reward-model-path").to(device).eval()
+    reward_model = load_or_exit(
+        lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1),
+        args.reward_model_path, "reward model", "--reward-model-path").to(device).eval()
     for model in (ref_policy, reward_model):
         model.requires_grad_(False)
     if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
-        sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens but the policy only {policy.get_input_embeddings().num_embeddings} "
-                 "embeddings; use a tokenizer matching --sft-model-path")
+        sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the policy's embeddings; "
+                 "use a tokenizer that matches --sft-model-path")
     # Sample from the plain tempered softmax (no top-k/top-p), stopping only at the stop token. Set on the
     # model itself because generate() would otherwise fill an unset eos_token_id from the model's defaults.
     sft_generation_config = policy.generation_config
@@ -392,12 +396,12 @@ def main(args: Args) -> None:
                 query_response = torch.cat([query, response], 1)
                 if args.old_logprobs == "generate":
                     logits = torch.stack(output.logits, 1)  # (b, generated, V): one chunk at a time, never the batch
-                    logprob = logprobs_from_logits(logits, response[:, : logits.shape[1]], args.temperature)
+                    logprob = logprobs_from_logits(logits, response[:, : logits.shape[1]], temperature)
                     logprob = F.pad(logprob, (0, args.response_length - logprob.shape[1]))
                     del logits, output
                 else:
-                    logprob = response_logprobs(policy, query_response, attention_mask, context_length, args.temperature)
-                ref_logprob = response_logprobs(ref_policy, query_response, attention_mask, context_length, args.temperature)
+                    logprob = response_logprobs(policy, query_response, attention_mask, context_length, temperature)
+                ref_logprob = response_logprobs(ref_policy, query_response, attention_mask, context_length, temperature)
                 last_index = context_length + (~after_stop).sum(1) - 1
                 responses.append(response)
                 response_masks.append(~after_stop)
@@ -431,7 +435,7 @@ def main(args: Args) -> None:
                     idx = order[micro_start : micro_start + args.per_device_train_batch_size]
                     with autocast():
                         new_logprobs = response_logprobs(policy, query_responses[idx], attention_masks[idx],
-                                                         context_length, args.temperature)
+                                                         context_length, temperature)
                     new_logprobs = new_logprobs.masked_fill(~response_mask[idx], 0.0)
                     first_minibatch = epoch == 0 and mb_start == 0
                     old_logprobs = logprobs[idx]
@@ -449,7 +453,9 @@ def main(args: Args) -> None:
                         stats["loss"].append(loss.detach())
                         stats["ratio"].append(log_ratio.exp())
                         if first_minibatch:
-                            diag_new.append(new_logprobs.detach()), diag_old.append(old_logprobs), diag_mask.append(response_mask[idx])
+                            diag_new.append(new_logprobs.detach())
+                            diag_old.append(old_logprobs)
+                            diag_mask.append(response_mask[idx])
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 scaler.step(optimizer)
@@ -482,9 +488,10 @@ def main(args: Args) -> None:
         }
         metrics_file.write(json.dumps({"update": update, **metrics}) + "\n")
         metrics_file.flush()
-        print(f"update {update}/{args.num_updates}  episode {metrics['episode']}  scores {metrics['objective/scores']:+.3f}  "
-              f"rlhf_reward {metrics['objective/rlhf_reward']:+.3f}  kl {metrics['objective/kl']:.3f}  "
-              f"clipfrac {metrics['policy/clipfrac_avg']:.3f}  {metrics['time/update']:.2f}s", flush=True)
+        print(f"update {update}/{args.num_updates}  episode {metrics['episode']}  "
+              f"scores {metrics['objective/scores']:+.3f}  rlhf_reward {metrics['objective/rlhf_reward']:+.3f}  "
+              f"kl {metrics['objective/kl']:.3f}  clipfrac {metrics['policy/clipfrac_avg']:.3f}  "
+              f"{metrics['time/update']:.2f}s", flush=True)
         samples = None
         if update % sample_every == 0 or update == args.num_updates:
             samples = [(tokenizer.decode(queries[i], skip_special_tokens=True)[-60:],

@@ -31,7 +31,7 @@ def pythia_flags(paths, output_dir, *extra):
 
 def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     output_dir = tmp_path / "run"
-    result = run_script("rloo.py", *pythia_flags(pythia_like, output_dir, "--total-episodes", "48"))
+    result = run_script("rloo.py", *pythia_flags(pythia_like, output_dir, "--total-episodes", "48", "--track"))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(output_dir)
     assert [m["update"] for m in metrics] == [1, 2, 3]  # 48 episodes / (4 x 2 x 2 minibatches)
@@ -53,6 +53,9 @@ def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     changed = [not torch.equal(a, b) for a, b in zip(policy.parameters(), initial.parameters())]
     assert any(changed)
     assert policy.generation_config.temperature in (None, 1.0)  # the sampling config is not saved with the model
+    # --track (WANDB_MODE=offline here) logs the sample completions as wandb tables.
+    tables = list(output_dir.glob("wandb/offline-run-*/files/media/table/samples_*.table.json"))
+    assert tables and json.load(open(tables[0]))["columns"] == ["query", "response", "score"]
 
 
 @pytest.mark.parametrize("flags,message", [

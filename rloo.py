@@ -495,7 +495,8 @@ def main(args: Args) -> None:
         samples = None
         if update % sample_every == 0 or update == args.num_updates:
             samples = [(tokenizer.decode(queries[i], skip_special_tokens=True)[-60:],
-                        tokenizer.decode(responses[i][response_mask[i]]), round(scores[i].item(), 3)) for i in range(4)]
+                        tokenizer.decode(responses[i][response_mask[i]]), round(scores[i].item(), 3))
+                       for i in range(min(4, len(responses)))]
             for query_text, response_text, score in samples:
                 print(f"    {score:+7.3f} | ...{query_text!r} -> {response_text!r}")
         if args.track:

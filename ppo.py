@@ -1,0 +1,574 @@
+"""PPO for RLHF, in one file.
+
+The policy samples one completion per prompt; every token is an action. Each token's reward is
+-kl_coef times its KL to the frozen reference policy, and the reward model's score is added on the last
+token of the completion. A value model (a 4th model, initialised from the reward model) estimates the
+return of every prefix; advantages come from GAE, and the loss is PPO's clipped objective per token plus
+a clipped value loss (Schulman et al. 2017; Ziegler et al. 2019; Huang et al. 2024, as TRL runs it).
+
+    python ppo.py                       # tiny offline TL;DR world (tiny_world.py), CPU, minutes
+    python ppo.py --model pythia-1b     # Huang et al. 2024 TL;DR SFT and reward models (GPU, hub)
+    python ppo.py --model pythia-1b --help   # every knob, with that preset's defaults
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import datasets
+import transformers
+import tyro
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+
+
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = "ppo"
+    """name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the run: model sampling, data order and minibatch order all follow from it"""
+    output_dir: str = ""
+    """where metrics.jsonl and the final policy go (default: runs/{exp_name}__{model}__{seed}__{unix time})"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without an account)"""
+    wandb_project_name: str = "rlhf-reference"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+
+    # Model and data
+    model: Literal["tiny", "pythia-1b", "pythia-2.8b", "pythia-6.9b"] = "tiny"
+    """preset: the tiny offline world, or the public Pythia TL;DR checkpoints of Huang et al. 2024"""
+    sft_model_path: str = ""
+    """SFT policy (hub name or local directory); the policy and the reference policy start from it"""
+    reward_model_path: str = ""
+    """reward model (sequence classification, one label; hub name or local directory)"""
+    value_model_path: str = ""
+    """initial value model (sequence classification, one label; default: the reward model, as Huang et al.)"""
+    tokenizer_path: str = ""
+    """tokenizer (hub name or local directory; default: the SFT model's)"""
+    dataset_name: str = ""
+    """prompt dataset (hub name or local directory, as load_dataset takes it)"""
+    dataset_train_split: str = "train"
+    """split of the dataset to train on"""
+    prompt_column: str = "prompt"
+    """column holding the raw prompt text (no chat template is applied)"""
+    max_prompt_length: int = 512
+    """prompts with more tokens are dropped"""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """compute precision (autocast); policy, value and reference keep fp32 weights, the reward model is stored in it"""
+
+    # Sampling
+    response_length: int = 53
+    """most tokens sampled per completion"""
+    temperature: float = 0.7
+    """sampling temperature; logprobs are of the same tempered distribution"""
+    stop_token: Optional[Literal["eos"]] = "eos"
+    """end a completion at this token (None: always response_length tokens)"""
+    missing_eos_penalty: Optional[float] = 1.0
+    """subtracted from the score of completions without an EOS token (the EOS trick; None: off)"""
+
+    # PPO
+    kl_coef: float = 0.05
+    """weight of the KL penalty to the reference policy in the reward"""
+    cliprange: float = 0.2
+    """PPO clip range of the per-token ratio"""
+    cliprange_value: float = 0.2
+    """clip range of the value prediction around its rollout-time value"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    gamma: float = 1.0
+    """discount factor"""
+    lam: float = 0.95
+    """GAE lambda"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards over the batch before GAE"""
+    num_ppo_epochs: int = 4
+    """passes of optimisation over each batch of completions"""
+    num_mini_batches: int = 1
+    """minibatches (optimizer steps) per epoch"""
+    old_logprobs: Literal["forward", "generate"] = "forward"
+    """source of the sampling policy's logprobs (KL penalty and ratio): `forward` passes (the ratio is exactly 1 at
+    the first minibatch) or the logits generation returned (as TRL 0.11; they differ under bf16, see the README)"""
+
+    # Optimisation
+    total_episodes: int = 1_000_000
+    """completions to train on in total"""
+    learning_rate: float = 3e-6
+    """AdamW learning rate, decayed linearly to 0"""
+    per_device_train_batch_size: int = 16
+    """completions per forward/backward pass"""
+    gradient_accumulation_steps: int = 4
+    """micro-batches per optimizer step"""
+    local_rollout_forward_batch_size: int = 16
+    """completions per generation / no-grad forward chunk"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+
+    # Logging
+    num_sample_generations: int = 10
+    """how many times during training a table of sample completions is shown"""
+
+    # Derived once from the above in check_args (not flags)
+    batch_size: tyro.conf.Suppress[int] = 0
+    """completions per update"""
+    mini_batch_size: tyro.conf.Suppress[int] = 0
+    """completions per optimizer step"""
+    num_updates: tyro.conf.Suppress[int] = 0
+    """rollout + optimisation rounds"""
+
+
+def pythia_preset(size: str, per_device_train_batch_size: int, gradient_accumulation_steps: int) -> Args:
+    # Huang et al. 2024's public TL;DR checkpoints and PPO settings (kl_coef 0.05, lr 3e-6, 4 epochs,
+    # 53 tokens, EOS trick, GAE gamma 1 lambda 0.95); 128 completions per update on one device.
+    return Args(
+        model=f"pythia-{size}",
+        sft_model_path=f"cleanrl/EleutherAI_pythia-{size}-deduped__sft__tldr",
+        reward_model_path=f"cleanrl/EleutherAI_pythia-{size}-deduped__reward__tldr",
+        tokenizer_path=f"EleutherAI/pythia-{size}-deduped",
+        dataset_name="trl-internal-testing/tldr-preference-sft-trl-style",
+        dtype="bf16",
+        kl_coef=0.05,
+        learning_rate=3e-6,
+        num_ppo_epochs=4,
+        num_mini_batches=2,
+        per_device_train_batch_size=per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        local_rollout_forward_batch_size=per_device_train_batch_size,
+        total_episodes=1_000_000,
+    )
+
+
+PRESETS = {
+    # Models and data come from tiny_world.py, built offline on first use and cached.
+    "tiny": Args(
+        model="tiny",
+        max_prompt_length=64,
+        response_length=16,
+        kl_coef=0.05,
+        learning_rate=3e-4,
+        num_ppo_epochs=4,
+        num_mini_batches=1,
+        per_device_train_batch_size=64,
+        gradient_accumulation_steps=1,
+        local_rollout_forward_batch_size=64,
+        total_episodes=64 * 300,
+    ),
+    "pythia-1b": pythia_preset("1b", 16, 4),
+    "pythia-2.8b": pythia_preset("2.8b", 8, 8),
+    "pythia-6.9b": pythia_preset("6.9b", 4, 16),
+}
+
+
+def parse_args(argv=None) -> Args:
+    # --model picks the preset whose values become the defaults, so `--model X --help` shows X's settings
+    # and any flag still overrides them.
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model", default="tiny")
+    name = peek.parse_known_args(argv)[0].model
+    if name not in PRESETS:
+        sys.exit(f"error: unknown --model {name!r}; choose one of {', '.join(PRESETS)}")
+    return tyro.cli(Args, default=PRESETS[name], args=argv, description=__doc__)
+
+
+def check_args(args: Args) -> None:
+    """Derive the batch sizes once and refuse settings that cannot work, with a one-line reason."""
+    args.mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    args.batch_size = args.mini_batch_size * args.num_mini_batches
+    args.num_updates = args.total_episodes // args.batch_size if args.batch_size > 0 else 0
+    sizes = (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_mini_batches,
+             args.num_ppo_epochs, args.local_rollout_forward_batch_size)
+    problems = [
+        (min(sizes) < 1, "batch sizes, accumulation steps, minibatches and epochs must all be >= 1"),
+        (args.response_length < 1, f"--response-length must be >= 1 (got {args.response_length})"),
+        (args.max_prompt_length < 1, f"--max-prompt-length must be >= 1 (got {args.max_prompt_length})"),
+        (args.temperature <= 0, f"--temperature must be > 0 (got {args.temperature})"),
+        (args.num_updates < 1, f"--total-episodes {args.total_episodes} is less than one update "
+         f"of {args.batch_size} completions"),
+        (min(args.cliprange, args.cliprange_value) <= 0, "--cliprange and --cliprange-value must be > 0"),
+    ]
+    for failed, message in problems:
+        if failed:
+            sys.exit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The math, small and pure: what a reader checks against the paper and the tests pin to numbers.
+# ----------------------------------------------------------------------------------------------
+
+
+def compute_gae(rewards, values, gamma, lam):
+    """Generalised advantage estimation over (B, T) tensors, the value after the last position taken as 0.
+    Returns (advantages, returns = advantages + values). Padding is the caller's: zeros in, ignored out."""
+    advantages = torch.zeros_like(rewards)
+    next_advantage, next_value = 0.0, 0.0
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t], next_value = next_advantage, values[:, t]
+    return advantages, advantages + values
+
+
+def masked_whiten(values, mask, shift_mean=True):
+    """Normalise to unit variance over the masked entries (and zero mean unless shift_mean is False)."""
+    mean, var = values[mask].mean(), values[mask].var()
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean).masked_fill(~mask, 0.0)
+
+
+def clipped_value_loss(new_values, old_values, returns, cliprange_value):
+    """0.5 * mean of max((v - R)^2, (v_clipped - R)^2), v_clipped kept within cliprange_value of the
+    rollout-time value. Returns (loss, clipfrac), clipfrac the fraction where the clipped term is larger."""
+    clipped_values = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    unclipped_loss, clipped_loss = (new_values - returns) ** 2, (clipped_values - returns) ** 2
+    return 0.5 * torch.max(unclipped_loss, clipped_loss).mean(), (clipped_loss > unclipped_loss).float().mean()
+
+
+def ppo_clip_loss(logprobs, old_logprobs, advantages, cliprange):
+    """PPO's clipped surrogate: mean of max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c)).
+    Returns (loss, clipfrac), clipfrac being the fraction of samples whose gradient the clip zeroes."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return torch.max(unclipped, clipped).mean(), (clipped > unclipped).float().mean()
+
+
+def logprobs_from_logits(logits, tokens, temperature):
+    """Logprob of each sampled token under softmax(logits / temperature), in fp32, without keeping
+    a full-vocabulary log-softmax: log p = logit - logsumexp(logits)."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def forward(model, query_responses, attention_mask):
+    # Queries are left-padded, so positions are counted over real tokens only.
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
+    """(B, R) logprobs of the response tokens: the logits at position t predict token t + 1."""
+    logits = forward(model, query_responses, attention_mask).logits[:, context_length - 1 : -1]
+    return logprobs_from_logits(logits, query_responses[:, context_length:], temperature)
+
+
+def reward_scores(reward_model, query_responses, attention_mask, last_index):
+    """(B,) reward model scores, read by its linear head at the last real token of query + response."""
+    backbone = getattr(reward_model, reward_model.base_model_prefix)
+    hidden = forward(backbone, query_responses, attention_mask).last_hidden_state
+    return reward_model.score(hidden[torch.arange(len(hidden)), last_index]).squeeze(-1).float()
+
+
+def response_values(value_model, query_responses, attention_mask, context_length):
+    """(B, R) value of each response token's state: the head read where the token is predicted from."""
+    backbone = getattr(value_model, value_model.base_model_prefix)
+    hidden = forward(backbone, query_responses, attention_mask).last_hidden_state[:, context_length - 1 : -1]
+    return value_model.score(hidden).squeeze(-1).float()
+
+
+def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
+    """Ratio statistics at the first minibatch, before any optimizer step: the ratio should be exactly 1,
+    so anything else is numerical mismatch between the two logprob sources (bf16, KV cache, batch shape).
+    The clip fractions count ratios outside [1 - c, 1 + c], whatever the advantage's sign."""
+    token_ratio = torch.exp(new_logprobs - old_logprobs)[mask]
+    seq_ratio = torch.exp(((new_logprobs - old_logprobs) * mask).sum(1))
+    stats = {}
+    for name, ratio in (("token", token_ratio), ("seq", seq_ratio)):
+        stats.update({f"diag/ratio_{name}_mean": ratio.mean().item(), f"diag/ratio_{name}_std": ratio.std().item(),
+                      f"diag/ratio_{name}_min": ratio.min().item(), f"diag/ratio_{name}_max": ratio.max().item(),
+                      f"diag/clipfrac_{name}": ((ratio - 1).abs() > cliprange).float().mean().item()})
+    return stats
+
+
+def load_or_exit(load, path, what, flag):
+    try:
+        return load(path)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: cannot load the {what} from {path!r} ({str(error).splitlines()[0]}); check {flag}")
+
+
+def main(args: Args) -> None:
+    datasets.disable_progress_bars()  # one line per update is the progress display
+    transformers.utils.logging.disable_progress_bar()
+    if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
+        import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
+
+        world = tiny_world.ensure_world()
+        args.sft_model_path = args.sft_model_path or world["sft_model_path"]
+        args.reward_model_path = args.reward_model_path or world["reward_model_path"]
+        args.dataset_name = args.dataset_name or world["dataset_name"]
+    for flag in ("sft_model_path", "reward_model_path", "dataset_name"):
+        if not getattr(args, flag):
+            sys.exit(f"error: --{flag.replace('_', '-')} is required for --model {args.model}")
+    args.tokenizer_path = args.tokenizer_path or args.sft_model_path
+    args.value_model_path = args.value_model_path or args.reward_model_path
+    check_args(args)
+    run_name = f"{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"
+    args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        sys.exit(f"error: --output-dir {args.output_dir!r} exists and is not empty; choose another directory")
+
+    # Seeding: sampling and minibatch order use the global generators, the prompt order its own.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    data_generator = torch.Generator().manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    temperature = args.temperature
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=args.dtype != "fp32")  # noqa: E731
+
+    # Tokenizer: Pythia has no pad token; a distinct [PAD] keeps padding apart from EOS (Huang et al.).
+    tokenizer = load_or_exit(lambda p: AutoTokenizer.from_pretrained(p, padding_side="left"),
+                             args.tokenizer_path, "tokenizer", "--tokenizer-path")
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        sys.exit("error: the tokenizer needs an EOS token and a pad token distinct from it; check --tokenizer-path")
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    stop_id = eos_id if args.stop_token == "eos" else None
+
+    # Data: tokenize every prompt once, drop the long ones; batches are left-padded as they are drawn.
+    dataset = load_or_exit(lambda p: load_dataset(p, split=args.dataset_train_split), args.dataset_name,
+                           "dataset", "--dataset-name and --dataset-train-split")
+    if args.prompt_column not in dataset.column_names:
+        sys.exit(f"error: the dataset has no column {args.prompt_column!r} (it has {dataset.column_names}); "
+                 "set --prompt-column")
+    prompts = [ids for ids in tokenizer(list(dataset[args.prompt_column]), add_special_tokens=False)["input_ids"]
+               if len(ids) <= args.max_prompt_length]
+    prompts_per_update = args.batch_size
+    if len(prompts) < prompts_per_update:
+        sys.exit(f"error: only {len(prompts)} prompts fit --max-prompt-length {args.max_prompt_length}; "
+                 f"an update needs {prompts_per_update}")
+
+    def prompt_batches():
+        """Endless prompt batches, reshuffled every epoch over the dataset."""
+        while True:
+            order = torch.randperm(len(prompts), generator=data_generator).tolist()
+            for start in range(0, len(order) - prompts_per_update + 1, prompts_per_update):
+                batch = [prompts[i] for i in order[start : start + prompts_per_update]]
+                width = max(map(len, batch))
+                yield torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
+
+    # Models: the policy and the value model keep fp32 weights and autocast does the low-precision compute. The
+    # reference policy is held exactly like the policy, so that the KL is exactly 0 before the first update in
+    # every dtype; the reward model is stored in the compute dtype. Every model stays in eval mode: dropout off,
+    # as Huang et al. require, and nothing else in these models depends on the mode.
+    policy = load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
+                          args.sft_model_path, "SFT policy", "--sft-model-path").to(device).eval()
+    ref_policy = load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
+                              args.sft_model_path, "SFT policy", "--sft-model-path").to(device).eval()
+    reward_model = load_or_exit(
+        lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1),
+        args.reward_model_path, "reward model", "--reward-model-path").to(device).eval()
+    value_model = load_or_exit(
+        lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32, num_labels=1),
+        args.value_model_path, "value model", "--value-model-path").to(device).eval()
+    for model in (ref_policy, reward_model):
+        model.requires_grad_(False)
+    if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
+        sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the policy's embeddings; "
+                 "use a tokenizer that matches --sft-model-path")
+    # Sample from the plain tempered softmax (no top-k/top-p), stopping only at the stop token. Set on the
+    # model itself because generate() would otherwise fill an unset eos_token_id from the model's defaults.
+    sft_generation_config = policy.generation_config
+    policy.generation_config = GenerationConfig(
+        max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
+        eos_token_id=stop_id, pad_token_id=pad_id, return_dict_in_generate=True,
+        output_logits=args.old_logprobs == "generate")
+
+    parameters = [*policy.parameters(), *value_model.parameters()]  # one optimizer, one loss: pg + vf_coef * vf
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0 - update / args.num_updates)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16 gradients underflow without it
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                   config=dataclasses.asdict(args), dir=args.output_dir)
+    sample_every = max(1, args.num_updates // max(1, args.num_sample_generations))
+    print(f"{args.num_updates} updates of {args.batch_size} completions (one per prompt) "
+          f"on {device}, {args.dtype}; output in {args.output_dir}")
+
+    batches = prompt_batches()
+    start_time = time.time()
+    for update in range(1, args.num_updates + 1):
+        update_start = time.time()
+        # 1. Rollout: one completion per prompt, with the value of every state along it.
+        queries = next(batches).to(device)  # (B, Tq)
+        context_length = queries.shape[1]
+        responses, response_masks, logprobs, ref_logprobs, scores, values = [], [], [], [], [], []
+        with torch.no_grad(), autocast():
+            for i in range(0, len(queries), args.local_rollout_forward_batch_size):
+                query = queries[i : i + args.local_rollout_forward_batch_size]
+                output = policy.generate(input_ids=query, attention_mask=query != pad_id)
+                response = output.sequences[:, context_length:]
+                response = F.pad(response, (0, args.response_length - response.shape[1]), value=pad_id)  # (b, R)
+                # Everything after the first stop token is padding; generate() pads rows that stopped early.
+                if stop_id is not None:
+                    is_stop = response == stop_id
+                    after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0
+                else:
+                    after_stop = torch.zeros_like(response, dtype=torch.bool)
+                response = response.masked_fill(after_stop, pad_id)
+                # The mask is built from the stop token, not from pad ids, so a sampled pad token still counts.
+                attention_mask = torch.cat([query != pad_id, ~after_stop], 1)
+                query_response = torch.cat([query, response], 1)
+                if args.old_logprobs == "generate":
+                    logits = torch.stack(output.logits, 1)  # (b, generated, V): one chunk at a time, never the batch
+                    logprob = logprobs_from_logits(logits, response[:, : logits.shape[1]], temperature)
+                    logprob = F.pad(logprob, (0, args.response_length - logprob.shape[1]))
+                    del logits, output
+                else:
+                    logprob = response_logprobs(policy, query_response, attention_mask, context_length, temperature)
+                ref_logprob = response_logprobs(ref_policy, query_response, attention_mask, context_length, temperature)
+                last_index = context_length + (~after_stop).sum(1) - 1
+                responses.append(response)
+                response_masks.append(~after_stop)
+                logprobs.append(logprob.masked_fill(after_stop, 0.0))
+                ref_logprobs.append(ref_logprob.masked_fill(after_stop, 0.0))
+                scores.append(reward_scores(reward_model, query_response, attention_mask, last_index))
+                value = response_values(value_model, query_response, attention_mask, context_length)
+                values.append(value.masked_fill(after_stop, 0.0))
+        responses, response_mask, logprobs, ref_logprobs, scores, values = map(
+            torch.cat, (responses, response_masks, logprobs, ref_logprobs, scores, values))  # (B, R), scores (B,)
+        query_responses = torch.cat([queries, responses], 1)
+        attention_masks = torch.cat([queries != pad_id, response_mask], 1)
+        generation_time = time.time() - update_start
+
+        # 2. Reward: the EOS trick, then the KL penalty. Every token is an action: its reward is its own
+        #    penalty (k1 estimator: logprob - ref_logprob), and the score is added on the completion's last
+        #    token (its EOS when it has one), not on the padding after it.
+        contains_eos = (responses == eos_id).any(1)
+        if args.missing_eos_penalty is not None:
+            scores = torch.where(contains_eos, scores, scores - args.missing_eos_penalty)
+        kl = logprobs - ref_logprobs  # (B, R), zero after the stop token
+        non_score_rewards = -args.kl_coef * kl
+        rewards = non_score_rewards.clone()
+        rewards[torch.arange(len(rewards), device=device), response_mask.sum(1) - 1] += scores
+        non_score_reward = non_score_rewards.sum(1)
+        rlhf_reward = scores + non_score_reward
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+        # GAE over the completion, then advantages whitened over its tokens (Huang et al. 2024).
+        advantages, returns = compute_gae(rewards, values, args.gamma, args.lam)
+        advantages = masked_whiten(advantages, response_mask)
+
+        # 3. Optimise: PPO-clip per token plus the clipped value loss; epochs x minibatches x micro-batches.
+        train_start = time.time()
+        stats = {"approxkl": [], "clipfrac": [], "loss": [], "ratio": [], "vf_loss": [], "vf_clipfrac": []}
+        diag_new, diag_old, diag_mask = [], [], []
+        for epoch in range(args.num_ppo_epochs):
+            order = torch.randperm(args.batch_size, device=device)
+            for mb_start in range(0, args.batch_size, args.mini_batch_size):
+                for micro_start in range(mb_start, mb_start + args.mini_batch_size, args.per_device_train_batch_size):
+                    idx = order[micro_start : micro_start + args.per_device_train_batch_size]
+                    with autocast():
+                        new_logprobs = response_logprobs(policy, query_responses[idx], attention_masks[idx],
+                                                         context_length, temperature)
+                        new_values = response_values(value_model, query_responses[idx], attention_masks[idx],
+                                                     context_length)
+                    new_logprobs = new_logprobs.masked_fill(~response_mask[idx], 0.0)
+                    first_minibatch = epoch == 0 and mb_start == 0
+                    old_logprobs = logprobs[idx]
+                    if first_minibatch and args.old_logprobs == "forward":
+                        # No optimizer step yet, so this forward IS the sampling policy: reusing it makes the ratio
+                        # exactly 1, where the rollout pass agrees only up to the rounding of another batch shape.
+                        old_logprobs = new_logprobs.detach()
+                    mask = response_mask[idx]
+                    loss, clipfrac = ppo_clip_loss(new_logprobs[mask], old_logprobs[mask], advantages[idx][mask],
+                                                   args.cliprange)
+                    vf_loss, vf_clipfrac = clipped_value_loss(new_values[mask], values[idx][mask], returns[idx][mask],
+                                                              args.cliprange_value)
+                    scaler.scale((loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        log_ratio = (new_logprobs - old_logprobs)[mask]
+                        stats["approxkl"].append(0.5 * (log_ratio**2).mean())
+                        stats["clipfrac"].append(clipfrac)
+                        stats["loss"].append(loss.detach())
+                        stats["ratio"].append(log_ratio.exp())
+                        stats["vf_loss"].append(vf_loss.detach())
+                        stats["vf_clipfrac"].append(vf_clipfrac)
+                        if first_minibatch:
+                            diag_new.append(new_logprobs.detach())
+                            diag_old.append(old_logprobs)
+                            diag_mask.append(response_mask[idx])
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        train_time = time.time() - train_start
+
+        # 4. Log: one dict per update, to the console, metrics.jsonl and wandb.
+        ratio = torch.cat(stats["ratio"])
+        metrics = {
+            "objective/kl": kl.sum(1).mean().item(),
+            "objective/entropy": (-logprobs).sum(1).mean().item(),
+            "objective/non_score_reward": non_score_reward.mean().item(),
+            "objective/rlhf_reward": rlhf_reward.mean().item(),
+            "objective/scores": scores.mean().item(),
+            "policy/approxkl_avg": torch.stack(stats["approxkl"]).mean().item(),
+            "policy/clipfrac_avg": torch.stack(stats["clipfrac"]).mean().item(),
+            "loss/policy_avg": torch.stack(stats["loss"]).mean().item(),
+            "loss/value_avg": torch.stack(stats["vf_loss"]).mean().item(),
+            "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean().item(),
+            "val/explained_variance": (1 - (returns - values)[response_mask].var() / returns[response_mask].var()).item(),
+            "val/ratio": ratio.mean().item(),
+            "val/ratio_var": ratio.var().item() if len(ratio) > 1 else 0.0,
+            "val/num_eos_tokens": (responses == eos_id).sum().item(),
+            **ratio_diagnostics(torch.cat(diag_new), torch.cat(diag_old), torch.cat(diag_mask), args.cliprange),
+            "lr": scheduler.get_last_lr()[0],
+            "episode": update * args.batch_size,
+            "eps": update * args.batch_size / (time.time() - start_time),
+            "time/rollout": generation_time,
+            "time/training": train_time,
+            "time/update": time.time() - update_start,
+        }
+        metrics_file.write(json.dumps({"update": update, **metrics}) + "\n")
+        metrics_file.flush()
+        print(f"update {update}/{args.num_updates}  episode {metrics['episode']}  "
+              f"scores {metrics['objective/scores']:+.3f}  rlhf_reward {metrics['objective/rlhf_reward']:+.3f}  "
+              f"kl {metrics['objective/kl']:.3f}  clipfrac {metrics['policy/clipfrac_avg']:.3f}  "
+              f"{metrics['time/update']:.2f}s", flush=True)
+        samples = None
+        if update % sample_every == 0 or update == args.num_updates:
+            samples = [(tokenizer.decode(queries[i], skip_special_tokens=True)[-60:],
+                        tokenizer.decode(responses[i][response_mask[i]]), round(scores[i].item(), 3))
+                       for i in range(min(4, len(responses)))]
+            for query_text, response_text, score in samples:
+                print(f"    {score:+7.3f} | ...{query_text!r} -> {response_text!r}")
+        if args.track:
+            if samples:
+                metrics["samples"] = wandb.Table(columns=["query", "response", "score"], data=samples)
+            wandb.log(metrics, step=update)
+
+    metrics_file.close()
+    policy.generation_config = sft_generation_config
+    policy.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    value_model.save_pretrained(os.path.join(args.output_dir, "value_model"))
+    print(f"saved the policy and tokenizer to {args.output_dir}, the value model to its value_model/")
+    if args.track:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    main(parse_args())

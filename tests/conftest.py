@@ -1,5 +1,6 @@
 """Shared fixtures: offline stand-ins for the hub artefacts, built with the same formats."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,11 +15,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Metric names shared by rloo.py and ppo.py: TRL's, and the first-minibatch ratio diagnostics.
+TRL_METRICS = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+               "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "val/ratio",
+               "val/ratio_var", "val/num_eos_tokens", "lr", "episode", "eps"]
+DIAG_METRICS = [f"diag/ratio_{kind}_{stat}" for kind in ("token", "seq") for stat in ("mean", "std", "min", "max")]
+DIAG_METRICS += ["diag/clipfrac_token", "diag/clipfrac_seq"]
+
 
 def run_script(script, *flags, timeout=600):
     """Run a top-level script as a user would; returns the CompletedProcess (never raises on failure)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def pythia_flags(paths, output_dir, *extra):
+    """The pythia-1b preset's settings with the hub names swapped for the local stand-ins, at toy sizes."""
+    return ["--model", "pythia-1b", "--sft-model-path", paths["sft_model_path"],
+            "--reward-model-path", paths["reward_model_path"], "--tokenizer-path", paths["tokenizer_path"],
+            "--dataset-name", paths["dataset_name"], "--output-dir", str(output_dir), "--dtype", "fp32",
+            "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2",
+            "--local-rollout-forward-batch-size", "8", "--response-length", "12", *extra]
 
 
 @pytest.fixture(scope="session")

@@ -1,33 +1,11 @@
 """rloo.py run as a user runs it: a subprocess with flags, on offline stand-ins for the hub artefacts."""
 
 import json
-import os
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import DIAG_METRICS, TRL_METRICS, pythia_flags, read_metrics, run_script
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-TRL_METRICS = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
-               "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "val/ratio",
-               "val/ratio_var", "val/num_eos_tokens", "lr", "episode", "eps"]
-DIAG_METRICS = [f"diag/ratio_{kind}_{stat}" for kind in ("token", "seq") for stat in ("mean", "std", "min", "max")]
-DIAG_METRICS += ["diag/clipfrac_token", "diag/clipfrac_seq"]
-
-
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def pythia_flags(paths, output_dir, *extra):
-    # The pythia-1b preset's settings, with the hub names swapped for the local stand-ins and small sizes.
-    return ["--model", "pythia-1b", "--sft-model-path", paths["sft_model_path"],
-            "--reward-model-path", paths["reward_model_path"], "--tokenizer-path", paths["tokenizer_path"],
-            "--dataset-name", paths["dataset_name"], "--output-dir", str(output_dir), "--dtype", "fp32",
-            "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2",
-            "--local-rollout-forward-batch-size", "8", "--response-length", "12", *extra]
-
 
 def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     output_dir = tmp_path / "run"

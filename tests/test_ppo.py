@@ -1,0 +1,81 @@
+"""ppo.py: GAE and the value loss against hand-computed cases, and the script run as a user runs it."""
+
+import pytest
+import torch
+from conftest import DIAG_METRICS, TRL_METRICS, pythia_flags, read_metrics, run_script
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from ppo import clipped_value_loss, compute_gae, masked_whiten
+
+
+def slow_gae(rewards, values, gamma, lam):
+    """Reference: A_t = sum_l (gamma * lam)^l * delta_{t+l}, delta_t = r_t + gamma * V_{t+1} - V_t, V_T = 0."""
+    T = len(rewards)
+    deltas = [rewards[t] + gamma * (values[t + 1] if t + 1 < T else 0.0) - values[t] for t in range(T)]
+    return [sum((gamma * lam) ** (l - t) * deltas[l] for l in range(t, T)) for t in range(T)]
+
+
+def test_gae_matches_hand_computed_case():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.6, 0.7]], dtype=torch.float64)
+    advantages, returns = compute_gae(rewards, values, gamma=1.0, lam=0.95)
+    # t=2: 1 - 0.7 = 0.3; t=1: (0.7 - 0.6) + 0.95 * 0.3 = 0.385; t=0: (0.6 - 0.5) + 0.95 * 0.385 = 0.46575
+    assert advantages[0].tolist() == pytest.approx([0.46575, 0.385, 0.3])
+    assert returns[0].tolist() == pytest.approx([0.96575, 0.985, 1.0])
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (0.99, 0.0)])
+def test_gae_matches_slow_reference_loop(gamma, lam):
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.randn(3, 7, generator=generator, dtype=torch.float64)
+    values = torch.randn(3, 7, generator=generator, dtype=torch.float64)
+    advantages, returns = compute_gae(rewards, values, gamma, lam)
+    for row in range(3):
+        assert advantages[row].tolist() == pytest.approx(slow_gae(rewards[row].tolist(), values[row].tolist(), gamma, lam))
+    assert torch.allclose(returns, advantages + values)
+
+
+def test_gae_with_zero_padding_equals_gae_on_the_unpadded_completion():
+    rewards = torch.tensor([[0.1, -0.2, 1.0, 0.0, 0.0]])
+    values = torch.tensor([[0.3, 0.2, 0.5, 0.0, 0.0]])
+    padded, _ = compute_gae(rewards, values, 1.0, 0.95)
+    unpadded, _ = compute_gae(rewards[:, :3], values[:, :3], 1.0, 0.95)
+    assert torch.allclose(padded[:, :3], unpadded) and padded[:, 3:].abs().max() == 0
+
+
+def test_value_loss_clips_around_the_rollout_value():
+    old = torch.tensor([0.5, 0.5, 0.5])
+    new = torch.tensor([1.0, 0.0, 0.6], requires_grad=True)
+    returns = torch.tensor([2.0, 0.0, 2.0])
+    loss, clipfrac = clipped_value_loss(new, old, returns, cliprange_value=0.2)
+    # Clipped predictions 0.7, 0.3, 0.6: the clipped squared errors 1.69 and 0.09 exceed the unclipped 1.0 and 0.0,
+    # so those two samples carry no gradient; the third (within the clip range) has (0.6 - 2.0) / 3.
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 0.09 + 1.96) / 3)
+    assert clipfrac.item() == pytest.approx(2 / 3)
+    loss.backward()
+    assert new.grad.tolist() == pytest.approx([0.0, 0.0, (0.6 - 2.0) / 3])
+
+
+def test_masked_whiten_uses_only_valid_entries():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    whitened = masked_whiten(values, mask)
+    assert whitened[mask].mean().abs() < 1e-6 and whitened[mask].var().item() == pytest.approx(1.0, rel=1e-4)
+    assert whitened[0, 3] == 0.0
+    assert masked_whiten(values, mask, shift_mean=False)[mask].mean().item() == pytest.approx(2.0)
+
+
+def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_script("ppo.py", *pythia_flags(pythia_like, output_dir, "--total-episodes", "32"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(output_dir)
+    assert [m["update"] for m in metrics] == [1, 2]  # 32 episodes / (4 x 2 x 2 minibatches)
+    for name in TRL_METRICS + DIAG_METRICS + ["loss/value_avg", "val/clipfrac_avg", "val/explained_variance"]:
+        assert all(torch.isfinite(torch.tensor(float(m[name]))) for m in metrics), name
+    assert metrics[0]["objective/kl"] == 0.0
+    assert all(m["diag/ratio_token_min"] == m["diag/ratio_token_max"] == 1.0 for m in metrics)
+    AutoModelForCausalLM.from_pretrained(output_dir)
+    value_model = AutoModelForSequenceClassification.from_pretrained(output_dir / "value_model")
+    reward_model = AutoModelForSequenceClassification.from_pretrained(pythia_like["reward_model_path"])
+    assert not torch.equal(value_model.score.weight, reward_model.score.weight)  # the value model trained

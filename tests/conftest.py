@@ -29,6 +29,10 @@ def run_script(script, *flags, timeout=600):
                           text=True, timeout=timeout, env={**os.environ, "PYTHONHASHSEED": "0"})
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that trains for a minute or more (deselect with -m 'not slow')")
+
+
 def read_metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

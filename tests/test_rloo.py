@@ -1,6 +1,7 @@
 """rloo.py run as a user runs it: a subprocess with flags, on offline stand-ins for the hub artefacts."""
 
 import json
+from statistics import mean
 
 import pytest
 import torch
@@ -66,3 +67,29 @@ def test_help_shows_the_chosen_presets_defaults():
     assert result.returncode == 0
     assert "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr" in result.stdout
     assert "trl-internal-testing/tldr-preference-sft-trl-style" in result.stdout
+
+
+def test_tiny_preset_runs_end_to_end_and_saves_a_loadable_policy(tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_script("rloo.py", "--output-dir", str(output_dir), "--total-episodes", "192")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "update 3/3" in result.stdout and " -> " in result.stdout  # progress lines and a sample table
+    metrics = read_metrics(output_dir)
+    assert len(metrics) == 3 and all(name in metrics[-1] for name in TRL_METRICS + DIAG_METRICS)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    policy = AutoModelForCausalLM.from_pretrained(output_dir)
+    ids = tokenizer("SUBREDDIT: r/pets TITLE: cat help POST: cat rent boss TL;DR:", return_tensors="pt")["input_ids"]
+    assert policy.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+
+
+@pytest.mark.slow
+def test_rloo_raises_the_reward_on_the_tiny_world(tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_script("rloo.py", "--output-dir", str(output_dir), "--total-episodes", str(64 * 60), "--seed", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(output_dir)
+    scores = [m["objective/scores"] for m in metrics]
+    rlhf_reward = [m["objective/rlhf_reward"] for m in metrics]
+    first, last = slice(0, 6), slice(-6, None)
+    assert mean(scores[last]) > mean(scores[first]) + 0.3, scores
+    assert mean(rlhf_reward[last]) > mean(rlhf_reward[first]) + 0.2, rlhf_reward

@@ -218,7 +218,9 @@ def train_reward_model(config, sft, tokenizer, pairs, rng):
     from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
 
     torch.manual_seed(SEED)
-    model = GPTNeoXForSequenceClassification(GPTNeoXConfig(**{**config.to_dict(), "num_labels": 1}))
+    config = GPTNeoXConfig(**config.to_dict())
+    config.num_labels = 1
+    model = GPTNeoXForSequenceClassification(config)
     model.gpt_neox.load_state_dict(sft.gpt_neox.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     steps, batch_size = 300, 32

@@ -69,7 +69,8 @@ def pythia_like(tmp_path_factory):
                            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     GPTNeoXForCausalLM(config).save_pretrained(root / "sft")
-    GPTNeoXForSequenceClassification(GPTNeoXConfig(**{**config.to_dict(), "num_labels": 1})).save_pretrained(root / "reward")
+    config.num_labels = 1
+    GPTNeoXForSequenceClassification(config).save_pretrained(root / "reward")
     tokenizer.save_pretrained(root / "tokenizer")
 
     def rows(n, offset):

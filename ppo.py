@@ -549,7 +549,7 @@ def main(args: Args) -> None:
               f"kl {metrics['objective/kl']:.3f}  clipfrac {metrics['policy/clipfrac_avg']:.3f}  "
               f"{metrics['time/update']:.2f}s", flush=True)
         samples = None
-        if update % sample_every == 0 or update == args.num_updates:
+        if update == 1 or update % sample_every == 0 or update == args.num_updates:
             samples = [(tokenizer.decode(queries[i], skip_special_tokens=True)[-60:],
                         tokenizer.decode(responses[i][response_mask[i]]), round(scores[i].item(), 3))
                        for i in range(min(4, len(responses)))]

@@ -1,5 +1,7 @@
 """ppo.py: GAE and the value loss against hand-computed cases, and the script run as a user runs it."""
 
+from statistics import mean
+
 import pytest
 import torch
 from conftest import DIAG_METRICS, TRL_METRICS, pythia_flags, read_metrics, run_script
@@ -79,3 +81,26 @@ def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     value_model = AutoModelForSequenceClassification.from_pretrained(output_dir / "value_model")
     reward_model = AutoModelForSequenceClassification.from_pretrained(pythia_like["reward_model_path"])
     assert not torch.equal(value_model.score.weight, reward_model.score.weight)  # the value model trained
+
+
+def test_tiny_preset_runs_end_to_end(tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_script("ppo.py", "--output-dir", str(output_dir), "--total-episodes", "128")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "update 2/2" in result.stdout and " -> " in result.stdout
+    assert len(read_metrics(output_dir)) == 2
+    AutoModelForCausalLM.from_pretrained(output_dir)
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_reward_on_the_tiny_world(tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_script("ppo.py", "--output-dir", str(output_dir), "--total-episodes", str(64 * 40), "--seed", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(output_dir)
+    scores = [m["objective/scores"] for m in metrics]
+    rlhf_reward = [m["objective/rlhf_reward"] for m in metrics]
+    first, last = slice(0, 6), slice(-6, None)
+    assert mean(scores[last]) > mean(scores[first]) + 0.25, scores
+    assert mean(rlhf_reward[last]) > mean(rlhf_reward[first]) + 0.2, rlhf_reward
+    assert metrics[-1]["val/explained_variance"] > metrics[0]["val/explained_variance"]  # the critic learns

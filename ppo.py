@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import random
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -388,8 +389,11 @@ def main(args: Args) -> None:
         eos_token_id=stop_id, pad_token_id=pad_id, return_dict_in_generate=True,
         output_logits=args.old_logprobs == "generate")
 
+    models = (policy, ref_policy, reward_model, value_model)  # PPO holds four models
     parameters = [*policy.parameters(), *value_model.parameters()]  # one optimizer, one loss: pg + vf_coef * vf
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0)
+    print(f"{len(models)} models hold {sum(p.numel() for m in models for p in m.parameters()) / 1e6:.2f}M parameters; "
+          f"{sum(p.numel() for p in parameters) / 1e6:.2f}M are trained (AdamW keeps 2 fp32 values for each)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0 - update / args.num_updates)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16 gradients underflow without it
 
@@ -541,6 +545,8 @@ def main(args: Args) -> None:
             "time/rollout": generation_time,
             "time/training": train_time,
             "time/update": time.time() - update_start,
+            "memory/peak_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         }
         metrics_file.write(json.dumps({"update": update, **metrics}) + "\n")
         metrics_file.flush()

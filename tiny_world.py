@@ -164,21 +164,30 @@ def train_sft(config, tokenizer, examples, rng):
         query = tokenizer(prompt)["input_ids"]
         response = (tokenizer(summary)["input_ids"] + ([tokenizer.eos_token_id] if ended else []))[:RESPONSE_LENGTH]
         encoded.append((query + response, len(query)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    steps, batch_size = 400, 64
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50) * (1 - step / steps))
-    for step in range(steps):
-        batch = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
+
+    def batch_loss():
+        batch = [encoded[rng.randrange(len(encoded))] for _ in range(64)]
         ids, mask = batch_tensors([ids for ids, _ in batch], tokenizer.pad_token_id)
         labels = ids.masked_fill(mask == 0, -100)
         for row, (_, query_length) in enumerate(batch):
             labels[row, :query_length] = -100
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    return fit(model, batch_loss, steps=400, lr=2e-3, warmup=50, name="sft")
+
+
+def fit(model, batch_loss, steps, lr, warmup, name):
+    """AdamW with a linear warm-up and decay, gradient clipping; batch_loss() draws a batch and returns its loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = lambda step: min(1.0, (step + 1) / warmup) * (1 - step / steps)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    for step in range(steps):
+        loss = batch_loss()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step(), scheduler.step(), optimizer.zero_grad()
         if step % 100 == 0 or step == steps - 1:
-            log(f"  sft step {step}/{steps}  loss {loss.item():.3f}")
+            log(f"  {name} step {step}/{steps}  loss {loss.item():.3f}")
     return model.eval()
 
 
@@ -222,21 +231,15 @@ def train_reward_model(config, sft, tokenizer, pairs, rng):
     config.num_labels = 1
     model = GPTNeoXForSequenceClassification(config)
     model.gpt_neox.load_state_dict(sft.gpt_neox.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    steps, batch_size = 300, 32
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 30) * (1 - step / steps))
-    for step in range(steps):
-        batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
+
+    def batch_loss():
+        batch = [pairs[rng.randrange(len(pairs))] for _ in range(32)]
         prompts = [p for p, _, _ in batch] * 2
         responses = [c for _, c, _ in batch] + [r for _, _, r in batch]
         scores = rm_scores(model, *reward_inputs(tokenizer, prompts, responses))
-        loss = -F.logsigmoid(scores[:batch_size] - scores[batch_size:]).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(), scheduler.step(), optimizer.zero_grad()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"  reward model step {step}/{steps}  loss {loss.item():.3f}")
-    return model.eval()
+        return -F.logsigmoid(scores[: len(batch)] - scores[len(batch) :]).mean()
+
+    return fit(model, batch_loss, steps=300, lr=1e-3, warmup=30, name="reward model")
 
 
 def one_edit(rng: random.Random, keys: list, summary: str):
@@ -287,8 +290,8 @@ def build(root: str) -> None:
         for i in range(size):
             prompt, keys = make_post(rng)
             reference = reference_summary(rng, keys)
-            rows.append({"id": f"{split}-{i}", "prompt": prompt,
-                         "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reference}]})
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reference}]
+            rows.append({"id": f"{split}-{i}", "prompt": prompt, "messages": messages})
             posts.setdefault(split, []).append((prompt, keys))
         Dataset.from_list(rows).to_parquet(os.path.join(root, "dataset", "data", f"{split}.parquet"))
 
@@ -402,7 +405,8 @@ def report() -> None:
                     total += 1
                     agree += (rewards[a, i] - rewards[b, i]) * (gold[a, i] - gold[b, i]) > 0
     print(f"reward model vs gold on pairs of SFT samples: {agree / total:.3f} agreement over {total} pairs")
-    print(f"pearson(reward, gold) on SFT samples: {torch.corrcoef(torch.stack([rewards.flatten(), gold.flatten()]))[0, 1]:.3f}")
+    pearson = torch.corrcoef(torch.stack([rewards.flatten(), gold.flatten()]))[0, 1]
+    print(f"pearson(reward, gold) on SFT samples: {pearson:.3f}")
     for chooser, name in ((rewards, "reward model"), (gold, "gold judge")):
         best = chooser.argmax(0)
         chosen = [samples[best[i]][i] for i in range(len(prompts))]

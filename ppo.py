@@ -221,6 +221,15 @@ def compute_gae(rewards, values, gamma, lam):
     return advantages, advantages + values
 
 
+def token_rewards(scores, kl, response_mask, kl_coef):
+    """(B, R) per-token rewards: -kl_coef * KL on every token, and the score added on the completion's last
+    real token (its EOS when it has one), never on the padding after it."""
+    rewards = -kl_coef * kl * response_mask
+    last_index = response_mask.sum(1) - 1
+    rewards[torch.arange(len(rewards), device=rewards.device), last_index] += scores
+    return rewards
+
+
 def masked_whiten(values, mask, shift_mean=True):
     """Normalise to unit variance over the masked entries (and zero mean unless shift_mean is False)."""
     mean, var = values[mask].mean(), values[mask].var()
@@ -457,16 +466,13 @@ def main(args: Args) -> None:
         generation_time = time.time() - update_start
 
         # 2. Reward: the EOS trick, then the KL penalty. Every token is an action: its reward is its own
-        #    penalty (k1 estimator: logprob - ref_logprob), and the score is added on the completion's last
-        #    token (its EOS when it has one), not on the padding after it.
+        #    penalty (k1 estimator: logprob - ref_logprob), plus the score on the completion's last token.
         contains_eos = (responses == eos_id).any(1)
         if args.missing_eos_penalty is not None:
             scores = torch.where(contains_eos, scores, scores - args.missing_eos_penalty)
         kl = logprobs - ref_logprobs  # (B, R), zero after the stop token
-        non_score_rewards = -args.kl_coef * kl
-        rewards = non_score_rewards.clone()
-        rewards[torch.arange(len(rewards), device=device), response_mask.sum(1) - 1] += scores
-        non_score_reward = non_score_rewards.sum(1)
+        rewards = token_rewards(scores, kl, response_mask, args.kl_coef)
+        non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False)

@@ -7,7 +7,7 @@ import torch
 from conftest import DIAG_METRICS, TRL_METRICS, pythia_flags, read_metrics, run_script
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from ppo import clipped_value_loss, compute_gae, masked_whiten
+from ppo import clipped_value_loss, compute_gae, masked_whiten, token_rewards
 
 
 def slow_gae(rewards, values, gamma, lam):
@@ -43,6 +43,17 @@ def test_gae_with_zero_padding_equals_gae_on_the_unpadded_completion():
     padded, _ = compute_gae(rewards, values, 1.0, 0.95)
     unpadded, _ = compute_gae(rewards[:, :3], values[:, :3], 1.0, 0.95)
     assert torch.allclose(padded[:, :3], unpadded) and padded[:, 3:].abs().max() == 0
+
+
+def test_score_lands_on_the_last_real_token_not_on_padding():
+    # Row 0 ends with EOS at index 2 (then padding); row 1 never ended: its last token is index 4.
+    kl = torch.tensor([[0.1, 0.2, 0.3, 9.0, 9.0], [0.1, 0.1, 0.1, 0.1, 0.1]])
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    rewards = token_rewards(torch.tensor([1.0, -1.0]), kl, mask, kl_coef=0.5)
+    assert rewards[0].tolist() == pytest.approx([-0.05, -0.1, 1.0 - 0.15, 0.0, 0.0])
+    assert rewards[1].tolist() == pytest.approx([-0.05, -0.05, -0.05, -0.05, -1.0 - 0.05])
+    # Summed over the completion, the per-token rewards are the completion's RLHF reward (as rloo.py forms it).
+    assert rewards.sum(1).tolist() == pytest.approx([1.0 - 0.5 * 0.6, -1.0 - 0.5 * 0.5])
 
 
 def test_value_loss_clips_around_the_rollout_value():

@@ -446,7 +446,7 @@ def main(args: Args) -> None:
                     old_logprobs = logprobs[idx]
                     if first_minibatch and args.old_logprobs == "forward":
                         # No optimizer step yet, so this forward IS the sampling policy: reusing it makes the ratio
-                        # exactly 1, where the rollout pass agrees only up to the rounding of another batch shape.
+                        # exactly 1, whereas GPU kernels may round the rollout pass's other batch shape differently.
                         old_logprobs = new_logprobs.detach()
                     new_seq, old_seq = new_logprobs.sum(1), old_logprobs.sum(1)
                     loss, clipfrac = ppo_clip_loss(new_seq, old_seq, advantages[idx], args.cliprange)

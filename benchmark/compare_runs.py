@@ -74,14 +74,15 @@ def table(summaries: list) -> str:
     groups = {}
     for summary in summaries:
         groups.setdefault(configuration(summary["args"]), []).append(summary)
-    # A row's label: the script (exp_name) and the arguments that every run has and whose values differ.
-    shared = set.intersection(*({k for k, _ in config} for config in groups)) - DERIVED_ARGS - {"exp_name"}
-    varying = [k for k in sorted(shared) if len({dict(config)[k] for config in groups}) > 1]
+    # A row's label: the script (exp_name) and every argument whose value differs among the runs that have it
+    # (an argument only one script has, such as rloo_k, labels rows only when it varies within that script).
+    keys = sorted({k for config in groups for k, _ in config} - DERIVED_ARGS - {"exp_name"})
+    varying = [k for k in keys if len({dict(config)[k] for config in groups if k in dict(config)}) > 1]
     columns = list(summaries[0]["figures"])
     lines = ["| run | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for config, members in groups.items():
         config = dict(config)
-        label = " ".join([json.loads(config["exp_name"])] + [f"{k}={json.loads(config[k])}" for k in varying])
+        label = " ".join([json.loads(config["exp_name"])] + [f"{k}={json.loads(config[k])}" for k in varying if k in config])
         cells = []
         for column in columns:
             values = [m["figures"][column] for m in members]

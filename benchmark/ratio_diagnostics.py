@@ -19,7 +19,6 @@ Precisions: `autocast` keeps fp32 weights and computes in the low precision (wha
     python benchmark/ratio_diagnostics.py --model pythia-1b  # the public SFT checkpoint (GPU, hub access)
 """
 
-import copy
 import json
 import os
 import sys
@@ -51,7 +50,7 @@ class Args:
     """its tokenizer (default: the policy's own, or the preset's)"""
     dataset_name: str = ""
     """prompt dataset (default: the preset's)"""
-    num_sequences: int = 64
+    num_sequences: int = 256
     """completions sampled, one per prompt"""
     response_length: Optional[int] = None
     """most tokens per completion (default: the preset's)"""
@@ -84,24 +83,28 @@ def resolve(args: Args) -> dict:
             "train_batch_size": min(preset.per_device_train_batch_size, args.num_sequences)}
 
 
-def logprob_sources(policy, precision, queries, pad_id, stop_id, settings):
+def logprob_sources(policy, precision, queries, pad_id, stop_id, settings, seed):
     """Sample completions under `precision` and return the logprobs of their tokens taken every way studied,
     as a dict of (N, R) tensors, with the response mask."""
     dtype, storage = DTYPES[precision.split("-")[0]], (precision.split("-") + ["autocast"])[1]
-    model = copy.deepcopy(policy).to(dtype) if storage == "weights" else policy
     device_type = queries.device.type
+    model = policy
+    if storage == "weights":  # loaded in the dtype, never a second fp32 copy on the device
+        model = AutoModelForCausalLM.from_pretrained(settings["sft_model_path"], dtype=dtype).to(queries.device).eval()
     low = lambda: torch.autocast(device_type, dtype=dtype, enabled=storage == "autocast" and dtype != torch.float32)  # noqa: E731
     temperature, response_length = settings["temperature"], settings["response_length"]
-    config = GenerationConfig(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0,
-                              top_p=1.0, eos_token_id=stop_id, pad_token_id=pad_id, return_dict_in_generate=True,
-                              output_logits=True)
+    # Set on the model, as rloo.py does: generate() fills a passed config's unset fields from the model's defaults.
+    model.generation_config = GenerationConfig(
+        max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+        eos_token_id=stop_id, pad_token_id=pad_id, return_dict_in_generate=True, output_logits=True)
     context_length = queries.shape[1]
-    out = {name: [] for name in ("generate", "forward", "fp32_head", "low_log_softmax", "fp32_policy", "alone",
-                                 "query_response", "attention_mask", "response_mask")}
+    torch.manual_seed(seed)  # after loading, so that every precision samples from the same random stream
+    out = {name: [] for name in ("generate", "forward", "low_head", "fp32_head", "low_log_softmax", "fp32_log_softmax",
+                                 "fp32_policy", "alone", "query_response", "attention_mask", "response_mask")}
     for start in range(0, len(queries), settings["rollout_batch_size"]):
         query = queries[start : start + settings["rollout_batch_size"]]
         with torch.no_grad(), low():
-            output = model.generate(input_ids=query, attention_mask=query != pad_id, generation_config=config)
+            output = model.generate(input_ids=query, attention_mask=query != pad_id)
             response = output.sequences[:, context_length:]
             response = F.pad(response, (0, response_length - response.shape[1]), value=pad_id)
             is_stop = response == stop_id
@@ -113,21 +116,24 @@ def logprob_sources(policy, precision, queries, pad_id, stop_id, settings):
             generated = logprobs_from_logits(logits, response[:, : logits.shape[1]], temperature)
             out["generate"].append(F.pad(generated, (0, response_length - generated.shape[1])))
             out["forward"].append(response_logprobs(model, query_response, attention_mask, context_length, temperature))
-            # (c): the same hidden states through the output layer in the low precision and in fp32, and a
-            # log-softmax kept in the low precision (what `log_softmax(logits)` does on bf16 logits).
+            # (c): the same hidden states through the output layer in the precision and in fp32; then the same
+            # tempered logits through a log-softmax in the precision (what log_softmax(bf16 logits) does) and in fp32.
             backbone = getattr(model, model.base_model_prefix)
             hidden = forward(backbone, query_response, attention_mask).last_hidden_state[:, context_length - 1 : -1]
             head = model.get_output_embeddings()
             low_logits = head(hidden)
-            with torch.autocast(device_type, enabled=False):  # autocast would cast F.linear back down
-                fp32_logits = F.linear(hidden.float(), head.weight.float())
+            with torch.autocast(device_type, enabled=False):  # autocast would cast these back down
+                bias = head.bias.float() if head.bias is not None else None
+                fp32_logits = F.linear(hidden.float(), head.weight.float(), bias)
+                tempered = (low_logits.float() / temperature).to(dtype)
+                for name, logits in (("low_log_softmax", tempered), ("fp32_log_softmax", tempered.float())):
+                    out[name].append(torch.log_softmax(logits, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1).float())
+            out["low_head"].append(logprobs_from_logits(low_logits, response, temperature))
             out["fp32_head"].append(logprobs_from_logits(fp32_logits, response, temperature))
-            low_log_softmax = torch.log_softmax(low_logits / temperature, -1).gather(-1, response.unsqueeze(-1))
-            out["low_log_softmax"].append(low_log_softmax.squeeze(-1).float())
         with torch.no_grad():
             out["fp32_policy"].append(response_logprobs(policy, query_response, attention_mask, context_length, temperature))
         # (b): every sequence alone, without any padding.
-        alone = torch.zeros(len(query), response_length)
+        alone = torch.zeros(len(query), response_length, device=query.device)
         for row in range(len(query)):
             ids = query_response[row][attention_mask[row]].unsqueeze(0)
             own_context = int((query[row] != pad_id).sum())
@@ -139,7 +145,7 @@ def logprob_sources(policy, precision, queries, pad_id, stop_id, settings):
         out["attention_mask"].append(attention_mask)
         out["response_mask"].append(~after_stop)
     out = {name: torch.cat(tensors) for name, tensors in out.items()}
-    # The training forward: minibatches of another size and composition, with gradients on, as in training.
+    # The training forward: shuffled minibatches of the training size, with gradients on, as in training.
     out["train"] = torch.zeros_like(out["forward"])
     order = torch.randperm(len(queries))
     for start in range(0, len(queries), settings["train_batch_size"]):
@@ -150,35 +156,37 @@ def logprob_sources(policy, precision, queries, pad_id, stop_id, settings):
     return out
 
 
-# (label, kind, new, old): the ratio is exp(new - old); "source" rows are what the PPO clip sees at the first
-# minibatch when the old logprobs come from that source, "cause" rows change one factor at a time.
+# (label, kind, new, old): the ratio is exp(new - old), a label "X vs Y" reads exp(X - Y). "source" rows: the
+# training forward against each source of old logprobs. `generate` is what the first minibatch sees with
+# --old-logprobs generate; `forward` is a separate no-grad pass, which the scripts use for every minibatch but the
+# first (the first reuses its own training forward: exactly 1 by construction). "cause" rows: one factor at a time.
 COMPARISONS = [
     ("generate", "source", "train", "generate"),
-    ("forward", "source", "train", "forward"),
-    ("(a) KV-cache decoding vs one full forward", "cause", "forward", "generate"),
-    ("(b) left-padded batch vs each sequence alone", "cause", "forward", "alone"),
-    ("(c) output layer in fp32 vs in the precision", "cause", "fp32_head", "forward"),
-    ("(c) log-softmax kept in the precision vs fp32", "cause", "low_log_softmax", "forward"),
+    ("forward (a separate pass)", "source", "train", "forward"),
+    ("(a) one full forward vs KV-cache decoding, same batch", "cause", "forward", "generate"),
+    ("(b) a left-padded batch vs each sequence alone", "cause", "forward", "alone"),
+    ("(c) the output layer in fp32 vs in the precision, same hidden states", "cause", "fp32_head", "low_head"),
+    ("(c) a log-softmax in the precision vs in fp32, same logits", "cause", "low_log_softmax", "fp32_log_softmax"),
     ("(d) the policy in fp32 vs in the precision", "cause", "fp32_policy", "forward"),
 ]
 
 
 def measure(policy, tokenizer, queries, precision, settings, cliprange, seed) -> list:
     """One row per comparison: the ratio statistics of rloo.py's diagnostics, keys without the diag/ prefix."""
-    torch.manual_seed(seed)
     stop_id = tokenizer.eos_token_id
-    logprobs = logprob_sources(policy, precision, queries, tokenizer.pad_token_id, stop_id, settings)
+    logprobs = logprob_sources(policy, precision, queries, tokenizer.pad_token_id, stop_id, settings, seed)
     mask = logprobs["response_mask"]
     rows = []
     for label, kind, new, old in COMPARISONS:
-        stats = ratio_diagnostics(logprobs[new] * mask, logprobs[old] * mask, mask, cliprange)
+        stats = ratio_diagnostics(logprobs[new].masked_fill(~mask, 0), logprobs[old].masked_fill(~mask, 0), mask,
+                                  cliprange)
         rows.append({"precision": precision, "comparison": label, "kind": kind,
                      **{key.removeprefix("diag/"): value for key, value in stats.items()}})
     return rows
 
 
 def load_queries(settings, tokenizer, num_sequences, seed):
-    """`num_sequences` prompts drawn at random from the train split, left-padded, as rloo.py batches them."""
+    """`num_sequences` distinct prompts drawn at random from the train split, left-padded to the longest."""
     dataset = load_dataset(settings["dataset_name"], split="train")
     generator = torch.Generator().manual_seed(seed)
     prompts = []
@@ -188,6 +196,9 @@ def load_queries(settings, tokenizer, num_sequences, seed):
             prompts.append(ids)
         if len(prompts) == num_sequences:
             break
+    if len(prompts) < num_sequences:
+        sys.exit(f"error: only {len(prompts)} prompts fit max_prompt_length {settings['max_prompt_length']}; "
+                 "lower --num-sequences")
     width = max(map(len, prompts))
     return torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in prompts])
 
@@ -206,7 +217,8 @@ def markdown(rows, settings) -> str:
             lines.append(f"| {r['precision']} | {r['comparison']} | {fmt(r, 'token')} | {span(r, 'token')} | "
                          f"{fmt(r, 'seq')} | {span(r, 'seq')} | {r['clipfrac_token']:.2%} | {r['clipfrac_seq']:.2%} |")
     precisions = list(dict.fromkeys(r["precision"] for r in rows if r["kind"] == "cause"))
-    lines += ["", "Where the mismatch comes from: token-ratio std / largest |ratio - 1| / sequences clipped.", "",
+    lines += ["", "Where the mismatch comes from, one factor at a time (a row 'X vs Y' is the ratio exp(X - Y)): "
+              "token-ratio std / largest |ratio - 1| / sequences clipped.", "",
               "| cause | " + " | ".join(precisions) + " |", "|---|" + "---|" * len(precisions)]
     for label in [c[0] for c in COMPARISONS if c[1] == "cause"]:
         cells = []
@@ -239,9 +251,13 @@ def main(args: Args) -> None:
     for precision in args.precisions:
         try:
             rows += measure(policy, tokenizer, queries, precision, settings, args.cliprange, args.seed)
-        except RuntimeError as error:  # e.g. a dtype this device has no kernels for
+        except RuntimeError as error:
+            if "not implemented" not in str(error):  # only a dtype this device has no kernels for is skipped
+                raise
             skipped[precision] = str(error).splitlines()[0]
             print(f"skipped {precision}: {skipped[precision]}", file=sys.stderr)
+    if not rows:
+        sys.exit("error: no precision could run on this device; see the messages above")
     table = markdown(rows, settings)
     print(table)
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

@@ -4,7 +4,8 @@
 #   2. short training runs of rloo.py (the tiny preset, and the paper's 2 epochs x 2 minibatches) and ppo.py in
 #      $DTYPE with each --old-logprobs source, over $SEEDS;
 #   3. benchmark/compare_runs.py: one table of clipped data, KL, reward and gold win rate.
-# On 2 CPU cores with the defaults: about 10 minutes. Finished runs are kept and skipped, so a rerun resumes.
+# On 2 CPU cores with the defaults: about 8 minutes. Finished runs are kept and skipped, so a rerun resumes;
+# an unfinished one is started again. PYTHON picks the interpreter (e.g. PYTHON=.venv/bin/python).
 #   bash benchmark/ratio_study.sh                         # tiny world, bf16 autocast on the CPU
 #   MODEL=pythia-1b SEEDS=1 EPISODES=64000 bash benchmark/ratio_study.sh   # on a GPU, the real checkpoints
 #   DRY_RUN=1 bash benchmark/ratio_study.sh               # print the commands only
@@ -32,14 +33,15 @@ for seed in $SEEDS; do
     for source in generate forward; do
       dir="$RUNS/${name}_${source}_$seed"
       dirs+=("$dir")
-      if [ -f "$dir/config.json" ]; then continue; fi  # saved at the end of a finished run
-      if [ -z "${DRY_RUN:-}" ]; then rm -rf "$dir"; fi
+      if [ -f "$dir/FINISHED" ]; then echo "skip $dir (finished)"; continue; fi
+      run rm -rf "$dir"
       # shellcheck disable=SC2086  # $flags is a list of flags
       run "$PYTHON" "${name%_2x2}.py" --model "$MODEL" --dtype "$DTYPE" --old-logprobs "$source" --seed "$seed" \
         --total-episodes "$EPISODES" --num-sample-generations 0 --output-dir "$dir" $flags
+      if [ -z "${DRY_RUN:-}" ]; then touch "$dir/FINISHED"; fi  # only once the script has exited 0
     done
   done
 done
 gold=()
 if [ "$MODEL" = tiny ]; then gold=(--gold); fi
-run "$PYTHON" benchmark/compare_runs.py "${dirs[@]}" "${gold[@]}" --output "$RESULTS/ratio_study_${MODEL}_${DTYPE}.md"
+run "$PYTHON" benchmark/compare_runs.py "${dirs[@]}" ${gold[@]+"${gold[@]}"} --output "$RESULTS/ratio_study_${MODEL}_${DTYPE}.md"

@@ -70,6 +70,14 @@ def gold_judge(prompt: str, response: str, reference: str) -> float:
     return 1.0 if ours > theirs + 1e-9 else 0.5 if abs(ours - theirs) <= 1e-9 else 0.0
 
 
+def win_rate(judgements: list) -> tuple:
+    """(win rate, half-width of its 95% normal interval) of gold_judge verdicts (1 win, 0.5 tie, 0 loss)."""
+    n = len(judgements)
+    rate = sum(judgements) / n
+    std = math.sqrt(sum((j - rate) ** 2 for j in judgements) / (n - 1)) if n > 1 else 0.0
+    return rate, 1.96 * std / math.sqrt(n)
+
+
 def make_post(rng: random.Random):
     keys = rng.sample(KEYS, KEYS_PER_POST)
     body = []
@@ -351,7 +359,8 @@ def ensure_world() -> dict:
 
 def evaluate(model_or_path, n_prompts=256, temperature=0.7, response_length=RESPONSE_LENGTH, seed=0) -> dict:
     """Sample one summary per validation prompt and judge it against the reference with the gold judge.
-    Returns the gold win rate, the mean gold and reward-model scores, and the share that ended with EOS."""
+    Returns the gold win rate (ties count half) with the half-width of its 95% normal interval over prompts,
+    the mean gold and reward-model scores, and the share that ended with EOS."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -369,8 +378,10 @@ def evaluate(model_or_path, n_prompts=256, temperature=0.7, response_length=RESP
         responses = sample(model, tokenizer, prompts, temperature, response_length)
     with torch.no_grad():
         rewards = rm_scores(reward_model, *reward_inputs(tokenizer, prompts, responses))
+    rate, ci95 = win_rate(list(map(gold_judge, prompts, responses, references)))
     return {
-        "gold_win_rate": sum(map(gold_judge, prompts, responses, references)) / n_prompts,
+        "gold_win_rate": rate,
+        "gold_win_rate_ci95": ci95,
         "gold_score": sum(map(gold_score, prompts, responses)) / n_prompts,
         "reference_gold_score": sum(map(gold_score, prompts, references)) / n_prompts,
         "reward_score": rewards.mean().item(),

@@ -3,7 +3,8 @@
 Runs that differ only in --seed are one configuration: each cell is the mean over its seeds, ± their standard
 deviation when there are several. The label of a row is what sets it apart from the other rows (script and
 any argument that differs). With --gold, each saved policy is judged against the reference summaries by the
-tiny world's gold judge (tiny-world runs only).
+tiny world's gold judge (tiny-world runs only); its 95% interval is a t-interval over the seeds' win rates, or,
+for one run, the normal interval over its prompts. --sft-baseline adds a row for the SFT policy the runs start from.
 
     python benchmark/compare_runs.py runs/rloo__tiny__1__* runs/ppo__tiny__1__* --gold
 """
@@ -18,6 +19,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t quantiles
 PER_RUN_ARGS = {"seed", "output_dir"}  # what may differ within one configuration
 DERIVED_ARGS = {"batch_size", "mini_batch_size", "num_updates"}  # follow from the others; never a label
 
@@ -30,6 +32,10 @@ class Args:
     """judge each saved policy with the tiny world's gold judge (validation prompts)"""
     gold_prompts: int = 512
     """validation prompts the gold judge sees per policy"""
+    sft_baseline: bool = False
+    """add a row for the tiny world's SFT policy, where every tiny run starts (needs --gold)"""
+    columns: tuple[str, ...] = ()
+    """the figures to show, by name and in this order (default: all)"""
     output: str = ""
     """also write the table (and the per-run figures as JSON next to it) to this markdown file"""
 
@@ -58,19 +64,39 @@ def summarise_run(run_dir: str, gold: bool, gold_prompts: int) -> dict:
         "first-minibatch tokens clipped": statistics.mean(series("diag/clipfrac_token")),
         "first-minibatch sequences clipped": statistics.mean(series("diag/clipfrac_seq")),
         "s/update (median)": statistics.median(series("time/update")),
+        "training minutes": sum(series("time/update")) / 60,
+        "peak memory (GB)": max(series("memory/peak_gb")),
     }
     if gold:
-        import tiny_world
-
-        figures["gold win rate"] = tiny_world.evaluate(run_dir, n_prompts=gold_prompts)["gold_win_rate"]
+        figures.update(gold_figures(run_dir, gold_prompts))
     return {"run_dir": run_dir, "args": args, "figures": figures}
+
+
+def gold_figures(policy_path: str, gold_prompts: int) -> dict:
+    import tiny_world
+
+    result = tiny_world.evaluate(policy_path, n_prompts=gold_prompts)
+    return {"gold win rate": result["gold_win_rate"], "gold win rate 95% CI": result["gold_win_rate_ci95"],
+            "gold score": result["gold_score"]}
 
 
 def configuration(args: dict) -> tuple:
     return tuple(sorted((k, json.dumps(v)) for k, v in args.items() if k not in PER_RUN_ARGS))
 
 
-def table(summaries: list) -> str:
+def cell(column: str, values: list) -> str:
+    """Mean over seeds, ± their standard deviation; an interval column is the 95% interval of the win rate."""
+    if column == "gold win rate 95% CI":  # values are (win rate, the run's own half-width) pairs
+        rates = [rate for rate, _ in values]
+        half = values[0][1] if len(values) == 1 else T_975[len(values) - 1] * statistics.stdev(rates) / len(rates) ** 0.5
+        mean = statistics.mean(rates)
+        return f"[{mean - half:.3f}, {mean + half:.3f}]"
+    mean = statistics.mean(values)
+    text = str(round(mean)) if column == "updates" else f"{mean:.4g}"
+    return text + (f" ± {statistics.stdev(values):.2g}" if len(values) > 1 and column != "updates" else "")
+
+
+def table(summaries: list, columns=(), baseline=None) -> str:
     groups = {}
     for summary in summaries:
         groups.setdefault(configuration(summary["args"]), []).append(summary)
@@ -78,7 +104,7 @@ def table(summaries: list) -> str:
     # (an argument only one script has, such as rloo_k, labels rows only when it varies within that script).
     keys = sorted({k for config in groups for k, _ in config} - DERIVED_ARGS - {"exp_name"})
     varying = [k for k in keys if len({dict(config)[k] for config in groups if k in dict(config)}) > 1]
-    columns = list(summaries[0]["figures"])
+    columns = list(columns or summaries[0]["figures"])
     lines = ["| run | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for config, members in groups.items():
         config = dict(config)
@@ -86,18 +112,32 @@ def table(summaries: list) -> str:
         cells = []
         for column in columns:
             values = [m["figures"][column] for m in members]
-            mean = statistics.mean(values)
-            cell = f"{mean:.4g}" if column != "updates" else str(round(mean))
-            if len(values) > 1 and column != "updates":
-                cell += f" ± {statistics.stdev(values):.2g}"
-            cells.append(cell)
+            if column == "gold win rate 95% CI":
+                values = [(m["figures"]["gold win rate"], m["figures"][column]) for m in members]
+            cells.append(cell(column, values))
         lines.append(f"| {label} | {len(members)} | " + " | ".join(cells) + " |")
+    if baseline:
+        name, figures = baseline
+        cells = [cell(c, [(figures["gold win rate"], figures[c]) if c.endswith("CI") else figures[c]])
+                 if c in figures else "" for c in columns]
+        lines.insert(2, f"| {name} | - | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(args: Args) -> None:
+    if args.sft_baseline and not args.gold:
+        sys.exit("error: --sft-baseline is judged by the gold judge; add --gold")
     summaries = [summarise_run(run, args.gold, args.gold_prompts) for run in args.runs]
-    text = table(summaries)
+    unknown = [c for c in args.columns if c not in summaries[0]["figures"]]
+    if unknown:
+        sys.exit(f"error: no figure named {unknown[0]!r} (add --gold for the gold ones); the figures are: "
+                 + ", ".join(summaries[0]["figures"]))
+    baseline = None
+    if args.sft_baseline:
+        import tiny_world
+
+        baseline = ("SFT", gold_figures(tiny_world.ensure_world()["sft_model_path"], args.gold_prompts))
+    text = table(summaries, args.columns, baseline)
     print(text)
     if args.output:
         with open(args.output, "w") as f:

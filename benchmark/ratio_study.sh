@@ -11,6 +11,7 @@
 #   DRY_RUN=1 bash benchmark/ratio_study.sh               # print the commands only
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
 PYTHON=${PYTHON:-python}
 MODEL=${MODEL:-tiny}
 DTYPE=${DTYPE:-bf16}
@@ -18,11 +19,6 @@ SEEDS=${SEEDS:-1 2 3}
 EPISODES=${EPISODES:-6400}
 RUNS=${RUNS:-runs/ratio_study_${MODEL}_${DTYPE}}
 RESULTS=${RESULTS:-benchmark/results}
-
-run() {
-  echo "+ $*"
-  if [ -z "${DRY_RUN:-}" ]; then "$@"; fi
-}
 
 run "$PYTHON" benchmark/ratio_diagnostics.py --model "$MODEL" --output "$RESULTS/ratio_diagnostics_$MODEL.json"
 configs=("rloo" "rloo_2x2 --num-ppo-epochs 2 --num-mini-batches 2" "ppo")
@@ -33,12 +29,9 @@ for seed in $SEEDS; do
     for source in generate forward; do
       dir="$RUNS/${name}_${source}_$seed"
       dirs+=("$dir")
-      if [ -f "$dir/FINISHED" ]; then echo "skip $dir (finished)"; continue; fi
-      run rm -rf "$dir"
       # shellcheck disable=SC2086  # $flags is a list of flags
-      run "$PYTHON" "${name%_2x2}.py" --model "$MODEL" --dtype "$DTYPE" --old-logprobs "$source" --seed "$seed" \
-        --total-episodes "$EPISODES" --num-sample-generations 0 --output-dir "$dir" $flags
-      if [ -z "${DRY_RUN:-}" ]; then touch "$dir/FINISHED"; fi  # only once the script has exited 0
+      train "$dir" "$PYTHON" "${name%_2x2}.py" --model "$MODEL" --dtype "$DTYPE" --old-logprobs "$source" \
+        --seed "$seed" --total-episodes "$EPISODES" --num-sample-generations 0 $flags
     done
   done
 done

@@ -2,14 +2,12 @@
 
 import importlib
 import json
-import os
-import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_script
+from conftest import read_metrics, run_script
 
-from benchmark import compare_runs, ratio_diagnostics
+from benchmark import ratio_diagnostics
 
 
 def test_generate_logprobs_match_the_training_forward_in_fp32_on_the_tiny_world():
@@ -84,56 +82,3 @@ def test_benchmark_runs_the_pythia_code_path_and_writes_tables(pythia_like, tmp_
     assert rows["bf16-weights", "(d) the policy in fp32 vs in the precision"]["ratio_token_std"] > 0
     assert "| bf16-weights | generate |" in result.stdout and saved["markdown"] in result.stdout
     assert saved["settings"]["response_length"] == 12 and saved["settings"]["temperature"] == 0.7
-
-
-def write_run(root, name, args, clipfracs):
-    run_dir = root / name
-    run_dir.mkdir()
-    (run_dir / "args.json").write_text(json.dumps(args))
-    diag = {"diag/ratio_token_std": 0.0, "diag/ratio_token_min": 1.0, "diag/ratio_token_max": 1.0,
-            "diag/clipfrac_token": 0.0, "diag/clipfrac_seq": 0.0}
-    with open(run_dir / "metrics.jsonl", "w") as f:
-        for update, clipfrac in enumerate(clipfracs, 1):
-            f.write(json.dumps({"update": update, "objective/scores": update, "objective/rlhf_reward": update,
-                                "objective/kl": 0.1 * update, "policy/clipfrac_avg": clipfrac,
-                                "time/update": 1.0, **diag}) + "\n")
-    return str(run_dir)
-
-
-def test_compare_runs_groups_seeds_and_labels_rows_by_what_differs(tmp_path):
-    base = {"exp_name": "rloo", "dtype": "bf16", "output_dir": "x", "num_updates": 4}
-    runs = [write_run(tmp_path, "a1", {**base, "seed": 1, "old_logprobs": "generate"}, [0.1, 0.3, 0.1, 0.3]),
-            write_run(tmp_path, "a2", {**base, "seed": 2, "old_logprobs": "generate"}, [0.3, 0.5, 0.3, 0.5]),
-            write_run(tmp_path, "b1", {**base, "seed": 1, "old_logprobs": "forward", "num_updates": 8}, [0.0] * 4)]
-    lines = compare_runs.table([compare_runs.summarise_run(r, gold=False, gold_prompts=0) for r in runs]).splitlines()
-    assert len(lines) == 4  # header, rule, one row per configuration
-    header = [c.strip() for c in lines[0].split("|")]
-    generate = [c.strip() for c in lines[2].split("|")]
-    forward = [c.strip() for c in lines[3].split("|")]
-    assert generate[1] == "rloo old_logprobs=generate" and generate[2] == "2"  # num_updates is derived: no label
-    assert forward[1] == "rloo old_logprobs=forward" and forward[2] == "1"
-    # Mean over updates per run (0.2 and 0.4), then mean ± standard deviation over the two seeds.
-    assert generate[header.index("clipfrac (mean)")] == "0.3 ± 0.14"
-    assert generate[header.index("rlhf_reward, last 10%")] == "4 ± 0"
-
-
-def test_ratio_study_dry_run_lists_every_run_and_the_summary():
-    env = {**os.environ, "DRY_RUN": "1", "SEEDS": "1 2", "RUNS": "/nonexistent", "MODEL": "tiny", "DTYPE": "bf16",
-           "EPISODES": "6400", "RESULTS": "/nonexistent"}
-    result = subprocess.run(["bash", os.path.join(ROOT, "benchmark", "ratio_study.sh")], capture_output=True,
-                            text=True, env=env)
-    assert result.returncode == 0, result.stderr
-    commands = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
-    runs = [c for c in commands if " rloo.py " in c or " ppo.py " in c]
-    assert sum(c.startswith("+ rm -rf /nonexistent/") for c in commands) == len(runs)  # no half-finished run kept
-    assert len(runs) == 2 * 3 * 2  # seeds x (rloo, rloo 2x2, ppo) x (generate, forward)
-    assert sum("--num-mini-batches 2" in c for c in runs) == 4 and sum("--old-logprobs forward" in c for c in runs) == 6
-    assert "ratio_diagnostics.py" in commands[0] and "compare_runs.py" in commands[-1] and "--gold" in commands[-1]
-
-
-def test_compare_runs_labels_script_specific_arguments_that_vary(tmp_path):
-    ppo = {"exp_name": "ppo", "output_dir": "x", "seed": 1, "gamma": 1.0}
-    runs = [write_run(tmp_path, "p1", {**ppo, "vf_coef": 0.1}, [0.0]), write_run(tmp_path, "p2", {**ppo, "vf_coef": 0.2}, [0.0]),
-            write_run(tmp_path, "r1", {"exp_name": "rloo", "output_dir": "x", "seed": 1, "rloo_k": 4}, [0.0])]
-    lines = compare_runs.table([compare_runs.summarise_run(r, gold=False, gold_prompts=0) for r in runs]).splitlines()
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["ppo vf_coef=0.1", "ppo vf_coef=0.2", "rloo"]

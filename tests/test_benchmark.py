@@ -1,0 +1,112 @@
+"""benchmark/: the run summary's arithmetic, the win-rate interval, and the shell entries (dry runs, a smoke run)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import tiny_world
+from benchmark import compare_runs
+
+
+def write_run(root, name, args, clipfracs):
+    run_dir = root / name
+    run_dir.mkdir()
+    (run_dir / "args.json").write_text(json.dumps(args))
+    diag = {"diag/ratio_token_std": 0.0, "diag/ratio_token_min": 1.0, "diag/ratio_token_max": 1.0,
+            "diag/clipfrac_token": 0.0, "diag/clipfrac_seq": 0.0}
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for update, clipfrac in enumerate(clipfracs, 1):
+            f.write(json.dumps({"update": update, "objective/scores": update, "objective/rlhf_reward": update,
+                                "objective/kl": 0.1 * update, "policy/clipfrac_avg": clipfrac,
+                                "time/update": 1.0, "memory/peak_gb": 0.5, **diag}) + "\n")
+    return str(run_dir)
+
+
+def rows_of(runs, columns=()):
+    """The table's data rows as lists of stripped cells (label first), and its header the same way."""
+    lines = compare_runs.table([compare_runs.summarise_run(r, gold=False, gold_prompts=0) for r in runs],
+                               columns).splitlines()
+    split = lambda line: [c.strip() for c in line.split("|")[1:-1]]  # noqa: E731
+    return split(lines[0]), [split(line) for line in lines[2:]]
+
+
+def test_compare_runs_groups_seeds_and_labels_rows_by_what_differs(tmp_path):
+    base = {"exp_name": "rloo", "dtype": "bf16", "output_dir": "x", "num_updates": 4}
+    runs = [write_run(tmp_path, "a1", {**base, "seed": 1, "old_logprobs": "generate"}, [0.1, 0.3, 0.1, 0.3]),
+            write_run(tmp_path, "a2", {**base, "seed": 2, "old_logprobs": "generate"}, [0.3, 0.5, 0.3, 0.5]),
+            write_run(tmp_path, "b1", {**base, "seed": 1, "old_logprobs": "forward", "num_updates": 8}, [0.0] * 4)]
+    header, (generate, forward) = rows_of(runs)
+    assert generate[:2] == ["rloo old_logprobs=generate", "2"]  # num_updates is derived: never a label
+    assert forward[:2] == ["rloo old_logprobs=forward", "1"]
+    # Mean over updates per run (0.2 and 0.4), then mean ± standard deviation over the two seeds.
+    assert generate[header.index("clipfrac (mean)")] == "0.3 ± 0.14"
+    assert generate[header.index("rlhf_reward, last 10%")] == "4 ± 0"
+    assert generate[header.index("training minutes")] == f"{4 / 60:.4g} ± 0"
+
+
+def test_compare_runs_labels_script_specific_arguments_that_vary_and_selects_columns(tmp_path):
+    ppo = {"exp_name": "ppo", "output_dir": "x", "seed": 1, "gamma": 1.0}
+    runs = [write_run(tmp_path, "p1", {**ppo, "vf_coef": 0.1}, [0.0]), write_run(tmp_path, "p2", {**ppo, "vf_coef": 0.2}, [0.0]),
+            write_run(tmp_path, "r1", {"exp_name": "rloo", "output_dir": "x", "seed": 1, "rloo_k": 4}, [0.0])]
+    header, rows = rows_of(runs, columns=("updates", "peak memory (GB)"))
+    assert [row[0] for row in rows] == ["ppo vf_coef=0.1", "ppo vf_coef=0.2", "rloo"]
+    assert header == ["run", "seeds", "updates", "peak memory (GB)"] and rows[0][2:] == ["1", "0.5"]
+
+
+def test_win_rate_interval_arithmetic():
+    # Verdicts 1, 0, 1, 0.5: rate 0.625, sample std sqrt(0.6875 / 3), half-width 1.96 * std / 2.
+    rate, half = tiny_world.win_rate([1.0, 0.0, 1.0, 0.5])
+    assert rate == pytest.approx(0.625) and half == pytest.approx(1.96 * (0.6875 / 3) ** 0.5 / 2)
+    assert tiny_world.win_rate([1.0] * 10) == (1.0, 0.0)
+    # Over seeds: a t-interval (3 seeds: t = 4.303) around the mean of the seeds' win rates.
+    assert compare_runs.cell("gold win rate 95% CI", [(0.4, 0.05), (0.5, 0.05), (0.6, 0.05)]) == "[0.252, 0.748]"
+    assert compare_runs.cell("gold win rate 95% CI", [(0.4, 0.05)]) == "[0.350, 0.450]"  # one run: its own interval
+
+
+def dry_run(script, **env):
+    env = {**os.environ, "DRY_RUN": "1", "RUNS": "/nonexistent", "RESULTS": "/nonexistent", "MODEL": "tiny",
+           "DTYPE": "bf16", "EPISODES": "6400", **env}
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmark", script)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
+    runs = [c for c in commands if " rloo.py " in c or " ppo.py " in c]
+    assert sum(c.startswith("+ rm -rf /nonexistent/") for c in commands) == len(runs)  # no half-finished run kept
+    return commands, runs
+
+
+def test_ratio_study_dry_run_lists_every_run_and_the_summary():
+    commands, runs = dry_run("ratio_study.sh", SEEDS="1 2")
+    assert len(runs) == 2 * 3 * 2  # seeds x (rloo, rloo 2x2, ppo) x (generate, forward)
+    assert sum("--num-mini-batches 2" in c for c in runs) == 4 and sum("--old-logprobs forward" in c for c in runs) == 6
+    assert "ratio_diagnostics.py" in commands[0] and "compare_runs.py" in commands[-1] and "--gold" in commands[-1]
+
+
+def test_tiny_benchmark_dry_run_lists_every_run_and_the_summary():
+    commands, runs = dry_run("tiny.sh", SEEDS="1 2 3")
+    assert len(runs) == 3 * 3  # seeds x (rloo k=2, rloo k=4, ppo)
+    assert sum("--rloo-k 2" in c for c in runs) == 3 and sum(" ppo.py " in c for c in runs) == 3
+    assert "--sft-baseline" in commands[-1] and "--gold" in commands[-1]
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_smoke_run_writes_the_table(tmp_path):
+    env = {**os.environ, "SEEDS": "1", "EPISODES": "256", "RUNS": str(tmp_path / "runs"), "RESULTS": str(tmp_path),
+           "PYTHON": sys.executable}
+    env.pop("DRY_RUN", None)
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmark", "tiny.sh")], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (tmp_path / "tiny.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["SFT", "rloo num_ppo_epochs=1 rloo_k=2",
+                                                                 "rloo num_ppo_epochs=1 rloo_k=4", "ppo num_ppo_epochs=4"]
+    for line in lines[2:]:
+        win_rate = float(line.split("|")[3])
+        assert 0.0 < win_rate < 1.0
+    # A rerun resumes: every finished run is skipped.
+    rerun = subprocess.run(["bash", os.path.join(ROOT, "benchmark", "tiny.sh")], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert rerun.returncode == 0 and rerun.stdout.count("(finished)") == 3

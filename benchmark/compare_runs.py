@@ -3,12 +3,14 @@
 Runs that differ only in --seed are one configuration: each cell is the mean over its seeds, ± their standard
 deviation when there are several. The label of a row is what sets it apart from the other rows (script and
 any argument that differs). With --gold, each saved policy is judged against the reference summaries by the
-tiny world's gold judge (tiny-world runs only); its 95% interval is a t-interval over the seeds' win rates, or,
-for one run, the normal interval over its prompts. --sft-baseline adds a row for the SFT policy the runs start from.
+tiny world's gold judge (tiny-world runs only); a run judged by benchmark/judge.py shows that judge's win rate.
+A win rate's 95% interval is a t-interval over the seeds' win rates, or, for one run, its own interval over
+prompts. --sft-baseline adds a row for the SFT policy the runs start from.
 
     python benchmark/compare_runs.py runs/rloo__tiny__1__* runs/ppo__tiny__1__* --gold
 """
 
+import glob
 import json
 import os
 import statistics
@@ -69,6 +71,12 @@ def summarise_run(run_dir: str, gold: bool, gold_prompts: int) -> dict:
     }
     if gold:
         figures.update(gold_figures(run_dir, gold_prompts))
+    for path in sorted(glob.glob(os.path.join(run_dir, "judge_*", "result.json")))[:1]:  # benchmark/judge.py's
+        with open(path) as f:
+            judged = json.load(f)
+        figures.update({"judge win rate": judged["win_rate"],
+                        "judge win rate 95% CI": (judged["ci95"][1] - judged["ci95"][0]) / 2,
+                        "judge mean length": judged["mean_length"], "judge failures": judged["failed"]})
     return {"run_dir": run_dir, "args": args, "figures": figures}
 
 
@@ -86,7 +94,7 @@ def configuration(args: dict) -> tuple:
 
 def cell(column: str, values: list) -> str:
     """Mean over seeds, ± their standard deviation; an interval column is the 95% interval of the win rate."""
-    if column == "gold win rate 95% CI":  # values are (win rate, the run's own half-width) pairs
+    if column.endswith(" 95% CI"):  # values are (win rate, the run's own half-width) pairs
         rates = [rate for rate, _ in values]
         half = values[0][1] if len(values) == 1 else T_975[len(values) - 1] * statistics.stdev(rates) / len(rates) ** 0.5
         mean = statistics.mean(rates)
@@ -112,13 +120,13 @@ def table(summaries: list, columns=(), baseline=None) -> str:
         cells = []
         for column in columns:
             values = [m["figures"][column] for m in members]
-            if column == "gold win rate 95% CI":
-                values = [(m["figures"]["gold win rate"], m["figures"][column]) for m in members]
+            if column.endswith(" 95% CI"):
+                values = [(m["figures"][column.removesuffix(" 95% CI")], m["figures"][column]) for m in members]
             cells.append(cell(column, values))
         lines.append(f"| {label} | {len(members)} | " + " | ".join(cells) + " |")
     if baseline:
         name, figures = baseline
-        cells = [cell(c, [(figures["gold win rate"], figures[c]) if c.endswith("CI") else figures[c]])
+        cells = [cell(c, [(figures[c.removesuffix(" 95% CI")], figures[c]) if c.endswith(" 95% CI") else figures[c]])
                  if c in figures else "" for c in columns]
         lines.insert(2, f"| {name} | - | " + " | ".join(cells) + " |")
     return "\n".join(lines)

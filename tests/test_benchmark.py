@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -110,3 +111,42 @@ def test_tiny_benchmark_smoke_run_writes_the_table(tmp_path):
     rerun = subprocess.run(["bash", os.path.join(ROOT, "benchmark", "tiny.sh")], capture_output=True, text=True,
                            env=env, timeout=600)
     assert rerun.returncode == 0 and rerun.stdout.count("(finished)") == 3
+
+
+@pytest.mark.parametrize("entry,runs_expected", [("tldr_rloo.sh", 2 * 2 * 2), ("tldr_ppo.sh", 2 * 2)])
+def test_full_scale_dry_runs_print_commands_that_parse_with_each_scripts_own_arguments(entry, runs_expected):
+    import ppo
+    import rloo
+    import tyro
+
+    from benchmark import judge
+
+    commands, runs = dry_run(entry, SEEDS="1 2", MODELS="pythia-1b pythia-6.9b")
+    assert len(runs) == runs_expected  # models x seeds (x k = 2, 4 for RLOO)
+    for command in commands:
+        words = shlex.split(command[2:])
+        if words[1] in ("rloo.py", "ppo.py"):
+            module = rloo if words[1] == "rloo.py" else ppo
+            args = module.parse_args(words[2:])
+            module.check_args(args)  # sizes that divide, k >= 2, ...: what the script checks before it loads anything
+            assert args.sft_model_path.startswith("cleanrl/EleutherAI_pythia-") and args.dtype == "bf16"
+        elif words[1] == "benchmark/judge.py":
+            assert tyro.cli(judge.Args, args=words[2:]).num_prompts == 1000
+        elif words[1] == "benchmark/compare_runs.py":
+            assert "judge win rate 95% CI" in tyro.cli(compare_runs.Args, args=words[2:]).columns
+        else:
+            assert words[:2] == ["rm", "-rf"], command
+    assert sum("judge.py" in c for c in commands) == len(runs)
+
+
+def test_compare_runs_reads_the_llm_judges_result(tmp_path):
+    runs = [write_run(tmp_path, f"r{seed}", {"exp_name": "rloo", "output_dir": "x", "seed": seed}, [0.0])
+            for seed in (1, 2)]
+    for run, rate in zip(runs, (0.40, 0.50)):
+        os.makedirs(os.path.join(run, "judge_gpt-4o"))
+        with open(os.path.join(run, "judge_gpt-4o", "result.json"), "w") as f:
+            json.dump({"win_rate": rate, "ci95": [rate - 0.03, rate + 0.03], "mean_length": 20.0, "failed": 1}, f)
+    header, (row,) = rows_of(runs, columns=("judge win rate", "judge win rate 95% CI", "judge failures"))
+    # Two seeds: t = 12.706 times the standard error of the mean of 0.40 and 0.50.
+    half = 12.706 * (0.005 ** 0.5) / 2 ** 0.5
+    assert row[2:] == ["0.45 ± 0.071", f"[{0.45 - half:.3f}, {0.45 + half:.3f}]", "1 ± 0"]

@@ -40,6 +40,10 @@ class Args:
     """the figures to show, by name and in this order (default: all)"""
     output: str = ""
     """also write the table (and the per-run figures as JSON next to it) to this markdown file"""
+    plot: str = ""
+    """also draw --plot-figure per configuration as a bar chart (PNG) to this file"""
+    plot_figure: str = "gold win rate"
+    """the figure the chart shows (a win rate gets its 95% interval as error bars, anything else ± std)"""
 
 
 def summarise_run(run_dir: str, gold: bool, gold_prompts: int) -> dict:
@@ -92,51 +96,82 @@ def configuration(args: dict) -> tuple:
     return tuple(sorted((k, json.dumps(v)) for k, v in args.items() if k not in PER_RUN_ARGS))
 
 
-def cell(column: str, values: list) -> str:
-    """Mean over seeds, ± their standard deviation; an interval column is the 95% interval of the win rate."""
-    if column.endswith(" 95% CI"):  # values are (win rate, the run's own half-width) pairs
-        rates = [rate for rate, _ in values]
-        half = values[0][1] if len(values) == 1 else T_975[len(values) - 1] * statistics.stdev(rates) / len(rates) ** 0.5
-        mean = statistics.mean(rates)
+def win_rate_interval(figures: list, rate: str) -> tuple:
+    """(mean win rate, half-width of its 95% interval): a t-interval over seeds, or one run's own interval."""
+    rates = [f[rate] for f in figures]
+    if len(rates) == 1:
+        return rates[0], figures[0][f"{rate} 95% CI"]
+    return statistics.mean(rates), T_975[len(rates) - 1] * statistics.stdev(rates) / len(rates) ** 0.5
+
+
+def cell(column: str, figures: list) -> str:
+    """One configuration's cell: the mean over its seeds ± their standard deviation, or a win rate's interval."""
+    if column not in figures[0]:
+        return ""
+    if column.endswith(" 95% CI"):
+        mean, half = win_rate_interval(figures, column.removesuffix(" 95% CI"))
         return f"[{mean - half:.3f}, {mean + half:.3f}]"
-    mean = statistics.mean(values)
-    text = str(round(mean)) if column == "updates" else f"{mean:.4g}"
-    return text + (f" ± {statistics.stdev(values):.2g}" if len(values) > 1 and column != "updates" else "")
+    values = [f[column] for f in figures]
+    if column == "updates":
+        return str(round(statistics.mean(values)))
+    return f"{statistics.mean(values):.4g}" + (f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else "")
 
 
-def table(summaries: list, columns=(), baseline=None) -> str:
+def labelled_rows(summaries: list, baseline=None) -> list:
+    """[(label, seeds, [figures of each seed])], one per configuration, the baseline (name, figures) first.
+    A label is the script (exp_name) and every argument whose value differs among the runs that have it (an
+    argument only one script has, such as rloo_k, labels rows only when it varies within that script)."""
     groups = {}
     for summary in summaries:
         groups.setdefault(configuration(summary["args"]), []).append(summary)
-    # A row's label: the script (exp_name) and every argument whose value differs among the runs that have it
-    # (an argument only one script has, such as rloo_k, labels rows only when it varies within that script).
     keys = sorted({k for config in groups for k, _ in config} - DERIVED_ARGS - {"exp_name"})
     varying = [k for k in keys if len({dict(config)[k] for config in groups if k in dict(config)}) > 1]
-    columns = list(columns or summaries[0]["figures"])
-    lines = ["| run | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    rows = [(baseline[0], "-", [baseline[1]])] if baseline else []
     for config, members in groups.items():
         config = dict(config)
         label = " ".join([json.loads(config["exp_name"])] + [f"{k}={json.loads(config[k])}" for k in varying if k in config])
-        cells = []
-        for column in columns:
-            values = [m["figures"][column] for m in members]
-            if column.endswith(" 95% CI"):
-                values = [(m["figures"][column.removesuffix(" 95% CI")], m["figures"][column]) for m in members]
-            cells.append(cell(column, values))
-        lines.append(f"| {label} | {len(members)} | " + " | ".join(cells) + " |")
-    if baseline:
-        name, figures = baseline
-        cells = [cell(c, [(figures[c.removesuffix(" 95% CI")], figures[c]) if c.endswith(" 95% CI") else figures[c]])
-                 if c in figures else "" for c in columns]
-        lines.insert(2, f"| {name} | - | " + " | ".join(cells) + " |")
+        rows.append((label, str(len(members)), [m["figures"] for m in members]))
+    return rows
+
+
+def table(summaries: list, columns=(), baseline=None) -> str:
+    columns = list(columns or summaries[0]["figures"])
+    lines = ["| run | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for label, seeds, figures in labelled_rows(summaries, baseline):
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cell(c, figures) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def plot(summaries: list, figure: str, path: str, baseline=None) -> None:
+    """A bar per configuration: the mean of `figure`, with its 95% interval for a win rate, else ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in labelled_rows(summaries, baseline) if figure in row[2][0]]
+    means, errors = [], []
+    for _, _, figures in rows:
+        if f"{figure} 95% CI" in figures[0]:
+            mean, half = win_rate_interval(figures, figure)
+        else:
+            values = [f[figure] for f in figures]
+            mean, half = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        means.append(mean)
+        errors.append(half)
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.8))
+    ax.bar(range(len(rows)), means, yerr=errors, capsize=6, color="tab:blue")
+    ax.set_xticks(range(len(rows)), [label.replace(" ", "\n") for label, _, _ in rows])
+    ax.set_ylabel(figure)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main(args: Args) -> None:
     if args.sft_baseline and not args.gold:
         sys.exit("error: --sft-baseline is judged by the gold judge; add --gold")
     summaries = [summarise_run(run, args.gold, args.gold_prompts) for run in args.runs]
-    unknown = [c for c in args.columns if c not in summaries[0]["figures"]]
+    unknown = [c for c in (*args.columns, *([args.plot_figure] if args.plot else [])) if c not in summaries[0]["figures"]]
     if unknown:
         sys.exit(f"error: no figure named {unknown[0]!r} (add --gold for the gold ones); the figures are: "
                  + ", ".join(summaries[0]["figures"]))
@@ -152,6 +187,8 @@ def main(args: Args) -> None:
             f.write(text + "\n")
         with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
             json.dump(summaries, f, indent=2)
+    if args.plot:
+        plot(summaries, args.plot_figure, args.plot, baseline)
 
 
 if __name__ == "__main__":

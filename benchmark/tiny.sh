@@ -27,5 +27,6 @@ for seed in $SEEDS; do
   done
 done
 run "$PYTHON" benchmark/compare_runs.py "${dirs[@]}" --gold --sft-baseline --output "$RESULTS/tiny.md" \
+  --plot "$RESULTS/tiny.png" \
   --columns "gold win rate" "gold win rate 95% CI" "gold score" "rlhf_reward, last 10%" "kl, last 10%" \
   "training minutes" "s/update (median)" "peak memory (GB)"

@@ -64,8 +64,9 @@ def test_win_rate_interval_arithmetic():
     assert rate == pytest.approx(0.625) and half == pytest.approx(1.96 * (0.6875 / 3) ** 0.5 / 2)
     assert tiny_world.win_rate([1.0] * 10) == (1.0, 0.0)
     # Over seeds: a t-interval (3 seeds: t = 4.303) around the mean of the seeds' win rates.
-    assert compare_runs.cell("gold win rate 95% CI", [(0.4, 0.05), (0.5, 0.05), (0.6, 0.05)]) == "[0.252, 0.748]"
-    assert compare_runs.cell("gold win rate 95% CI", [(0.4, 0.05)]) == "[0.350, 0.450]"  # one run: its own interval
+    seeds = [{"gold win rate": rate, "gold win rate 95% CI": 0.05} for rate in (0.4, 0.5, 0.6)]
+    assert compare_runs.cell("gold win rate 95% CI", seeds) == "[0.252, 0.748]"
+    assert compare_runs.cell("gold win rate 95% CI", seeds[:1]) == "[0.350, 0.450]"  # one run: its own interval
 
 
 def dry_run(script, **env):
@@ -150,3 +151,18 @@ def test_compare_runs_reads_the_llm_judges_result(tmp_path):
     # Two seeds: t = 12.706 times the standard error of the mean of 0.40 and 0.50.
     half = 12.706 * (0.005 ** 0.5) / 2 ** 0.5
     assert row[2:] == ["0.45 ± 0.071", f"[{0.45 - half:.3f}, {0.45 + half:.3f}]", "1 ± 0"]
+
+
+def test_memory_runtime_measures_both_scripts_and_draws_the_chart(tmp_path):
+    from benchmark import memory_runtime
+
+    prefix = tmp_path / "mr"
+    memory_runtime.main(memory_runtime.Args(sizes=("14m",), updates=2, cache_dir=str(tmp_path / "models"),
+                                            output=str(prefix)))
+    rows = {r["script"]: r for r in json.load(open(f"{prefix}.json"))["rows"]}
+    assert "3 models hold 35.7" in rows["rloo.py"]["parameters"] and "4 models hold 43.3" in rows["ppo.py"]["parameters"]
+    # PPO's value model and its AdamW state (7.6M parameters, ~0.12 GB in fp32) show in the peak memory.
+    assert rows["ppo.py"]["peak_gb"] > rows["rloo.py"]["peak_gb"]
+    assert all(r["s_per_update"] > 0 for r in rows.values())
+    assert "| pythia-14m | ppo.py |" in open(f"{prefix}.md").read()
+    assert open(f"{prefix}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"

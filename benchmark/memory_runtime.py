@@ -1,0 +1,166 @@
+"""Peak memory and seconds per update of rloo.py vs ppo.py at equal settings, over Pythia model shapes.
+
+Each shape is a randomly initialised model with Pythia's architecture and vocabulary (50304 rows). It serves as
+policy, reference, reward model and PPO's value model, over the tiny world's prompts: the cost of an update
+depends on the shapes, not on what the weights have learned. Each script runs as its own process, so that its
+peak memory (CUDA's max allocated on a GPU, the process's peak RSS on a CPU, as the scripts log it) is its own.
+Both scripts get the same batch, response length, epochs and minibatches; RLOO's batch is B/k prompts x k.
+Writes a markdown table, JSON and a bar chart (PNG) like the source document's figure.
+
+    python benchmark/memory_runtime.py                                  # 14m, 70m, 160m shapes, CPU
+    python benchmark/memory_runtime.py --sizes 1b 2.8b --updates 5      # on a GPU
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from statistics import median
+from typing import Literal
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Pythia's shapes (Biderman et al. 2023): hidden size, layers, attention heads.
+SHAPES = {"14m": (128, 6, 4), "70m": (512, 6, 8), "160m": (768, 12, 12), "410m": (1024, 24, 16),
+          "1b": (2048, 16, 8), "1.4b": (2048, 24, 16), "2.8b": (2560, 32, 32), "6.9b": (4096, 32, 32)}
+
+
+@dataclass
+class Args:
+    sizes: tuple[Literal["14m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b"], ...] = ("14m", "70m", "160m")
+    """Pythia shapes to measure"""
+    updates: int = 4
+    """updates per run; the first is left out of the time (warm-up)"""
+    batch_size: int = 8
+    """completions per update for both scripts (RLOO: batch_size / rloo_k prompts)"""
+    rloo_k: int = 2
+    """RLOO's completions per prompt"""
+    response_length: int = 32
+    """tokens per completion (no early stop: --stop-token None, so both scripts do the same work)"""
+    num_ppo_epochs: int = 1
+    """optimisation epochs per update, the same for both"""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """compute precision of both scripts"""
+    cache_dir: str = ""
+    """where the random models are kept (default: $TINY_WORLD_DIR/../pythia-shapes or ~/.cache/rlhf-tiny-world/...)"""
+    output: str = ""
+    """results prefix: .md, .json and .png are added (default: benchmark/results/memory_runtime_{device})"""
+
+
+def build_models(size: str, root: str) -> dict:
+    """A random policy and reward model of the given Pythia shape, saved once (atomically) under root."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
+
+    import tiny_world
+
+    target = os.path.join(root, size)
+    paths = {"sft_model_path": os.path.join(target, "sft"), "reward_model_path": os.path.join(target, "reward")}
+    if os.path.isdir(target):
+        return paths
+    hidden, layers, heads = SHAPES[size]
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           intermediate_size=4 * hidden, max_position_embeddings=2048, rotary_pct=0.25,
+                           use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                           pad_token_id=1)
+    os.makedirs(root, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{size}-", dir=root)
+    torch.manual_seed(0)
+    tokenizer = tiny_world.make_tokenizer()  # decodes the ids it knows; the rest of the vocabulary decodes to ""
+    GPTNeoXForCausalLM(config).save_pretrained(os.path.join(staging, "sft"))
+    config.num_labels = 1
+    GPTNeoXForSequenceClassification(config).save_pretrained(os.path.join(staging, "reward"))
+    tokenizer.save_pretrained(os.path.join(staging, "sft"))
+    os.rename(staging, target)
+    return paths
+
+
+def measure(script: str, paths: dict, dataset: str, args: Args, output_dir: str) -> dict:
+    rloo = script == "rloo.py"
+    flags = ["--sft-model-path", paths["sft_model_path"], "--reward-model-path", paths["reward_model_path"],
+             "--dataset-name", dataset, "--output-dir", output_dir, "--dtype", args.dtype,
+             "--total-episodes", str(args.updates * args.batch_size), "--per-device-train-batch-size",
+             str(args.batch_size), "--gradient-accumulation-steps", "1", "--num-mini-batches", "1",
+             "--local-rollout-forward-batch-size", str(args.batch_size), "--response-length",
+             str(args.response_length), "--stop-token", "None", "--num-ppo-epochs", str(args.num_ppo_epochs),
+             "--max-prompt-length", "64", *(["--rloo-k", str(args.rloo_k)] if rloo else [])]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"error: {script} failed:\n{result.stderr[-2000:]}")
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    held = next(line for line in result.stdout.splitlines() if "parameters" in line)
+    return {"s_per_update": median(m["time/update"] for m in metrics[1:]),
+            "rollout_s": median(m["time/rollout"] for m in metrics[1:]),
+            "training_s": median(m["time/training"] for m in metrics[1:]),
+            "peak_gb": max(m["memory/peak_gb"] for m in metrics), "parameters": held}
+
+
+def plot(rows: list, path: str, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in ((axes[0], "peak_gb", "peak memory (GB)"), (axes[1], "s_per_update", "seconds per update")):
+        for offset, script, color in ((-0.2, "rloo.py", "tab:blue"), (0.2, "ppo.py", "tab:orange")):
+            values = [next(r[key] for r in rows if r["size"] == s and r["script"] == script) for s in sizes]
+            ax.bar([i + offset for i in range(len(sizes))], values, width=0.4, label=script.removesuffix(".py").upper(),
+                   color=color)
+        ax.set_xticks(range(len(sizes)), [f"pythia-{s} shape" for s in sizes])
+        ax.set_title(f"{title}, {device}")
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main(args: Args) -> None:
+    import torch
+
+    import tiny_world
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = tiny_world.ensure_world()
+    cache = args.cache_dir or os.path.join(os.path.dirname(tiny_world.cache_dir()), "pythia-shapes")
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for size in args.sizes:
+            paths = build_models(size, cache)
+            for script in ("rloo.py", "ppo.py"):
+                row = {"size": size, "script": script,
+                       **measure(script, paths, world["dataset_name"], args, os.path.join(scratch, f"{size}-{script}"))}
+                rows.append(row)
+                print(f"pythia-{size} shape, {script}: {row['s_per_update']:.2f} s/update, {row['peak_gb']:.2f} GB peak "
+                      f"({row['parameters']})", flush=True)
+    memory = "CUDA max allocated" if device == "cuda" else "peak RSS of the process"
+    lines = [f"{args.batch_size} completions x {args.response_length} tokens per update, {args.num_ppo_epochs} epoch(s), "
+             f"{args.dtype}, {device}; RLOO k={args.rloo_k}; time: median over updates 2..{args.updates}; memory: {memory}.",
+             "", "| shape | script | s/update | rollout s | training s | peak GB | PPO / RLOO time | PPO / RLOO memory |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        rloo = next(r for r in rows if r["size"] == row["size"] and r["script"] == "rloo.py")
+        ratios = (f"{row['s_per_update'] / rloo['s_per_update']:.2f}x | {row['peak_gb'] / rloo['peak_gb']:.2f}x"
+                  if row["script"] == "ppo.py" else " | ")
+        lines.append(f"| pythia-{row['size']} | {row['script']} | {row['s_per_update']:.2f} | {row['rollout_s']:.2f} | "
+                     f"{row['training_s']:.2f} | {row['peak_gb']:.2f} | {ratios} |")
+    table = "\n".join(lines)
+    print(table)
+    prefix = args.output or os.path.join(ROOT, "benchmark", "results", f"memory_runtime_{device}")
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".md", "w") as f:
+        f.write(table + "\n")
+    with open(prefix + ".json", "w") as f:
+        json.dump({"args": asdict(args), "device": device, "rows": rows}, f, indent=2)
+    plot(rows, prefix + ".png", device)
+    print(f"wrote {prefix}.md, .json and .png")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))

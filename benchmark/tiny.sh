@@ -3,7 +3,7 @@
 # and PPO, each over $SEEDS at the tiny preset's settings (300 updates of 64 completions), then one table:
 # the gold judge's win rate against the reference summaries (with a 95% interval) next to the SFT policy's, the
 # KL to the reference policy, training time and peak memory. Finished runs are kept and skipped on a rerun.
-#   bash benchmark/tiny.sh                                   # about 25 minutes on 2 CPU cores
+#   bash benchmark/tiny.sh                                   # about 10 minutes on 2 CPU cores
 #   SEEDS=1 EPISODES=640 bash benchmark/tiny.sh              # a smoke test
 #   DRY_RUN=1 bash benchmark/tiny.sh                         # print the commands only
 set -euo pipefail

@@ -4,8 +4,8 @@ Runs that differ only in --seed are one configuration: each cell is the mean ove
 deviation when there are several. The label of a row is what sets it apart from the other rows (script and
 any argument that differs). With --gold, each saved policy is judged against the reference summaries by the
 tiny world's gold judge (tiny-world runs only); a run judged by benchmark/judge.py shows that judge's win rate.
-A win rate's 95% interval is a t-interval over the seeds' win rates, or, for one run, its own interval over
-prompts. --sft-baseline adds a row for the SFT policy the runs start from.
+A win rate's 95% interval is a t-interval over the seeds' win rates (their spread on the same prompts), or,
+for one run, its own normal interval over prompts: two different quantities, both clipped to [0, 1]. --sft-baseline adds a row for the SFT policy the runs start from.
 
     python benchmark/compare_runs.py runs/rloo__tiny__1__* runs/ppo__tiny__1__* --gold
 """
@@ -22,6 +22,11 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t quantiles
+
+
+def t_975(df: int) -> float:
+    """The 97.5% quantile of Student's t: exact to 9 degrees of freedom, then 1.96 + 2.4 / df (within 0.01)."""
+    return T_975.get(df, 1.96 + 2.4 / df)
 PER_RUN_ARGS = {"seed", "output_dir"}  # what may differ within one configuration
 DERIVED_ARGS = {"batch_size", "mini_batch_size", "num_updates"}  # follow from the others; never a label
 
@@ -34,6 +39,8 @@ class Args:
     """judge each saved policy with the tiny world's gold judge (validation prompts)"""
     gold_prompts: int = 512
     """validation prompts the gold judge sees per policy"""
+    judge_model: str = ""
+    """which benchmark/judge.py result to show when a run holds several (judge_{model}/result.json)"""
     sft_baseline: bool = False
     """add a row for the tiny world's SFT policy, where every tiny run starts (needs --gold)"""
     columns: tuple[str, ...] = ()
@@ -46,7 +53,7 @@ class Args:
     """the figure the chart shows (a win rate gets its 95% interval as error bars, anything else ± std)"""
 
 
-def summarise_run(run_dir: str, gold: bool, gold_prompts: int) -> dict:
+def summarise_run(run_dir: str, gold: bool, gold_prompts: int, judge_model: str = "") -> dict:
     """The figures of one run: averages over updates, the first and the last 10% of updates, the final policy."""
     with open(os.path.join(run_dir, "args.json")) as f:
         args = json.load(f)
@@ -75,7 +82,11 @@ def summarise_run(run_dir: str, gold: bool, gold_prompts: int) -> dict:
     }
     if gold:
         figures.update(gold_figures(run_dir, gold_prompts))
-    for path in sorted(glob.glob(os.path.join(run_dir, "judge_*", "result.json")))[:1]:  # benchmark/judge.py's
+    pattern = f"judge_{judge_model.replace('/', '_')}" if judge_model else "judge_*"
+    judged = sorted(glob.glob(os.path.join(run_dir, pattern, "result.json")))  # benchmark/judge.py's results
+    if len(judged) > 1:
+        sys.exit(f"error: {run_dir} holds results of several judges ({', '.join(judged)}); choose with --judge-model")
+    for path in judged:
         with open(path) as f:
             judged = json.load(f)
         figures.update({"judge win rate": judged["win_rate"],
@@ -101,16 +112,17 @@ def win_rate_interval(figures: list, rate: str) -> tuple:
     rates = [f[rate] for f in figures]
     if len(rates) == 1:
         return rates[0], figures[0][f"{rate} 95% CI"]
-    return statistics.mean(rates), T_975[len(rates) - 1] * statistics.stdev(rates) / len(rates) ** 0.5
+    return statistics.mean(rates), t_975(len(rates) - 1) * statistics.stdev(rates) / len(rates) ** 0.5
 
 
 def cell(column: str, figures: list) -> str:
-    """One configuration's cell: the mean over its seeds ± their standard deviation, or a win rate's interval."""
-    if column not in figures[0]:
+    """One configuration's cell: the mean over its seeds ± their standard deviation, or a win rate's interval
+    (clipped to [0, 1]); empty when a seed lacks the figure."""
+    if any(column not in f for f in figures):
         return ""
     if column.endswith(" 95% CI"):
         mean, half = win_rate_interval(figures, column.removesuffix(" 95% CI"))
-        return f"[{mean - half:.3f}, {mean + half:.3f}]"
+        return f"[{max(0.0, mean - half):.3f}, {min(1.0, mean + half):.3f}]"
     values = [f[column] for f in figures]
     if column == "updates":
         return str(round(statistics.mean(values)))
@@ -135,7 +147,7 @@ def labelled_rows(summaries: list, baseline=None) -> list:
 
 
 def table(summaries: list, columns=(), baseline=None) -> str:
-    columns = list(columns or summaries[0]["figures"])
+    columns = list(columns or dict.fromkeys(name for summary in summaries for name in summary["figures"]))
     lines = ["| run | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for label, seeds, figures in labelled_rows(summaries, baseline):
         lines.append(f"| {label} | {seeds} | " + " | ".join(cell(c, figures) for c in columns) + " |")
@@ -149,7 +161,7 @@ def plot(summaries: list, figure: str, path: str, baseline=None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row in labelled_rows(summaries, baseline) if figure in row[2][0]]
+    rows = [row for row in labelled_rows(summaries, baseline) if all(figure in f for f in row[2])]
     means, errors = [], []
     for _, _, figures in rows:
         if f"{figure} 95% CI" in figures[0]:
@@ -170,11 +182,12 @@ def plot(summaries: list, figure: str, path: str, baseline=None) -> None:
 def main(args: Args) -> None:
     if args.sft_baseline and not args.gold:
         sys.exit("error: --sft-baseline is judged by the gold judge; add --gold")
-    summaries = [summarise_run(run, args.gold, args.gold_prompts) for run in args.runs]
-    unknown = [c for c in (*args.columns, *([args.plot_figure] if args.plot else [])) if c not in summaries[0]["figures"]]
+    summaries = [summarise_run(run, args.gold, args.gold_prompts, args.judge_model) for run in args.runs]
+    known = {name for summary in summaries for name in summary["figures"]}
+    unknown = [c for c in (*args.columns, *([args.plot_figure] if args.plot else [])) if c not in known]
     if unknown:
-        sys.exit(f"error: no figure named {unknown[0]!r} (add --gold for the gold ones); the figures are: "
-                 + ", ".join(summaries[0]["figures"]))
+        sys.exit(f"error: no run has a figure named {unknown[0]!r} (add --gold for the gold ones, run "
+                 f"benchmark/judge.py for the judge ones); the figures are: {', '.join(sorted(known))}")
     baseline = None
     if args.sft_baseline:
         import tiny_world

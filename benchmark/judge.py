@@ -7,7 +7,8 @@
    summaries are shown in a random order, and the judge names the better one, or a tie.
 3. Report the policy's win rate (a tie counts half) with its 95% interval, the mean lengths, and how many
    judgements failed. A failed or unparseable answer is retried, then counted as failed and reported, never
-   dropped. Every judgement is appended to judgements.jsonl as it arrives; a rerun resumes from that file.
+   dropped. Every judgement is appended to judgements.jsonl as it arrives; a rerun resumes from that file,
+   asking again only what failed (summaries made with other generation settings are refused, not mixed in).
 
     python benchmark/judge.py --policy runs/rloo__pythia-1b__1__1795480388 --judge-model gpt-4o --num-prompts 1000
 """
@@ -38,8 +39,8 @@ class Args:
     """where summaries.jsonl, judgements.jsonl and result.json go (default: {policy}/judge_{judge_model})"""
     dataset_name: str = "trl-internal-testing/tldr-preference-sft-trl-style"
     """evaluation prompts and reference summaries (the `prompt` column; the reference is the last message)"""
-    split: str = "test"
-    """split of the dataset to evaluate on"""
+    split: str = "validation"
+    """split of the dataset to evaluate on (recorded in result.json with the rest of the arguments)"""
     num_prompts: int = 1000
     """how many prompts, the first of the split (0: all)"""
     response_length: int = 53
@@ -83,7 +84,7 @@ Summary B:
 Compare the two summaries in one sentence. Then, on a line of its own, write "Preferred: A", "Preferred: B", \
 or "Preferred: TIE" if neither is better."""
 
-VERDICT = re.compile(r"preferred:\s*\**\s*(A|B|TIE)\b", re.IGNORECASE)
+VERDICT = re.compile(r"(?i:preferred):\s*\**\s*(?:(?i:summary)\s+)?(A|B|TIE|(?i:tie))\b")
 
 
 def parse_verdict(answer: str) -> Optional[str]:
@@ -110,8 +111,8 @@ def judge_one(args: Args, item: dict, policy_first: bool) -> dict:
     0.5 tie, 0 loss, None when every attempt failed (with the last error)."""
     a, b = (item["summary"], item["reference"]) if policy_first else (item["reference"], item["summary"])
     prompt = JUDGE_PROMPT.format(post=item["post"], a=a.strip(), b=b.strip())
-    record = {**item, "policy_shown_as": "A" if policy_first else "B", "verdict": None, "answer": None,
-              "error": None, "attempts": 0}
+    record = {**item, "judge_model": args.judge_model, "policy_shown_as": "A" if policy_first else "B",
+              "verdict": None, "answer": None, "error": None, "attempts": 0}
     for attempt in range(args.max_attempts):
         record["attempts"] = attempt + 1
         try:
@@ -122,7 +123,11 @@ def judge_one(args: Args, item: dict, policy_first: bool) -> dict:
                 record["verdict"] = 0.5 if choice == "TIE" else float(choice == record["policy_shown_as"])
                 return record
             record["error"] = "no 'Preferred: A|B|TIE' line in the answer"
-        except (OSError, urllib.error.URLError, ValueError, KeyError, IndexError, TypeError) as error:
+        except urllib.error.HTTPError as error:
+            record["error"] = f"HTTP {error.code}: {error.read()[:300].decode(errors='replace')}"
+            if 400 <= error.code < 500 and error.code not in (408, 429):  # a bad request or key: retrying won't help
+                return record
+        except Exception as error:  # noqa: BLE001  (anything else is recorded against this item, never raised)
             record["error"] = f"{type(error).__name__}: {error}"
         if attempt + 1 < args.max_attempts:
             time.sleep(args.retry_delay * 2**attempt)
@@ -130,26 +135,38 @@ def judge_one(args: Args, item: dict, policy_first: bool) -> dict:
 
 
 def judge_all(args: Args, items: list, path: str) -> list:
-    """Judge every item not already judged successfully in `path`, appending each record as it arrives."""
+    """Judge every item that `path` holds no successful judgement of (the same summaries, reference and judge),
+    appending each record as it arrives."""
+    same = lambda record, item: all(record.get(k) == item[k] for k in ("summary", "reference")) and \
+        record.get("judge_model") == args.judge_model  # noqa: E731
+    items_by_id = {item["id"]: item for item in items}
     done = {}
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
-                record = json.loads(line)
-                if record["verdict"] is not None:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash: that item is asked again
+                    continue
+                item = items_by_id.get(record.get("id"))
+                if record.get("verdict") is not None and item is not None and same(record, item):
                     done[record["id"]] = record
     order = random.Random(args.seed)
     policy_first = {item["id"]: order.random() < 0.5 for item in items}  # fixed per item, across reruns
     todo = [item for item in items if item["id"] not in done]
-    with open(path, "a") as f, concurrent.futures.ThreadPoolExecutor(args.num_workers) as pool:
-        futures = [pool.submit(judge_one, args, item, policy_first[item["id"]]) for item in todo]
-        for count, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            record = future.result()
-            f.write(json.dumps(record) + "\n")  # the main thread writes: one whole line per record
-            f.flush()
-            done[record["id"]] = record
-            if count % 50 == 0 or count == len(futures):
-                print(f"judged {count}/{len(futures)}", flush=True)
+    pool = concurrent.futures.ThreadPoolExecutor(args.num_workers)
+    try:
+        with open(path, "a") as f:
+            futures = [pool.submit(judge_one, args, item, policy_first[item["id"]]) for item in todo]
+            for count, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                record = future.result()
+                f.write(json.dumps(record) + "\n")  # the main thread writes: one whole line per record
+                f.flush()
+                done[record["id"]] = record
+                if count % 50 == 0 or count == len(futures):
+                    print(f"judged {count}/{len(futures)}", flush=True)
+    finally:  # on Ctrl-C or a crash, requests not yet sent are cancelled rather than paid for and lost
+        pool.shutdown(wait=False, cancel_futures=True)
     return [done[item["id"]] for item in items]
 
 
@@ -171,7 +188,7 @@ def generate_summaries(args: Args, prompts: list, tokenizer) -> list:
     if args.vllm:
         from vllm import LLM, SamplingParams
 
-        llm = LLM(model=args.policy, seed=args.seed)
+        llm = LLM(model=args.policy, seed=args.seed, dtype="bfloat16")  # as the transformers path on a GPU
         params = SamplingParams(temperature=args.temperature, max_tokens=args.response_length,
                                 stop_token_ids=[tokenizer.eos_token_id])
         return [output.outputs[0].text for output in llm.generate(prompts, params)]
@@ -212,7 +229,17 @@ def main(args: Args) -> None:
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     summaries_path = os.path.join(output_dir, "summaries.jsonl")
-    if os.path.exists(summaries_path):  # a rerun judges the same summaries
+    generation = {k: getattr(args, k) for k in ("policy", "dataset_name", "split", "num_prompts", "response_length",
+                                                "temperature", "vllm", "seed")}
+    settings_path = os.path.join(output_dir, "generation.json")
+    if os.path.exists(summaries_path):  # a rerun judges the same summaries, made with the same settings
+        with open(settings_path) as f:
+            made_with = json.load(f)
+        if made_with != generation:
+            changed = ", ".join(f"--{k.replace('_', '-')} {made_with.get(k)!r} -> {v!r}" for k, v in generation.items()
+                                if made_with.get(k) != v)
+            sys.exit(f"error: {output_dir} holds summaries made with other settings ({changed}); "
+                     "use another --output-dir or delete it")
         with open(summaries_path) as f:
             items = [json.loads(line) for line in f]
         print(f"reusing {len(items)} summaries from {summaries_path}")
@@ -225,9 +252,11 @@ def main(args: Args) -> None:
         items = [{"id": str(row.get("id", i)), "post": prompt, "summary": summary,
                   "reference": row["messages"][-1]["content"]}
                  for i, (row, prompt, summary) in enumerate(zip(dataset, prompts, summaries))]
+        with open(settings_path, "w") as f:
+            json.dump(generation, f, indent=2)
         with open(summaries_path + ".tmp", "w") as f:
             f.writelines(json.dumps(item) + "\n" for item in items)
-        os.replace(summaries_path + ".tmp", summaries_path)
+        os.replace(summaries_path + ".tmp", summaries_path)  # written last: its presence means both are complete
     records = judge_all(args, items, os.path.join(output_dir, "judgements.jsonl"))
     result = {"args": asdict(args), **report(records, tokenizer)}
     with open(os.path.join(output_dir, "result.json"), "w") as f:
@@ -237,6 +266,8 @@ def main(args: Args) -> None:
           f"{result['length_unit']} (references {result['mean_reference_length']:.1f}); {output_dir}/result.json")
     if result["failed"]:
         print(f"{result['failed']} judgements failed: {'; '.join(result['failures'])}", file=sys.stderr)
+    if not result["judged"]:
+        sys.exit("error: no judgement succeeded; check --base-url, --judge-model and the API key")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class Args:
     sizes: tuple[Literal["14m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b"], ...] = ("14m", "70m", "160m")
     """Pythia shapes to measure"""
     updates: int = 4
-    """updates per run; the first is left out of the time (warm-up)"""
+    """updates per run, at least 2; the first is left out of the time (warm-up)"""
     batch_size: int = 8
     """completions per update for both scripts (RLOO: batch_size / rloo_k prompts)"""
     rloo_k: int = 2
@@ -90,11 +90,12 @@ def measure(script: str, paths: dict, dataset: str, args: Args, output_dir: str)
              str(args.response_length), "--stop-token", "None", "--num-ppo-epochs", str(args.num_ppo_epochs),
              "--max-prompt-length", "64", *(["--rloo-k", str(args.rloo_k)] if rloo else [])]
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"error: {script} failed:\n{result.stderr[-2000:]}")
+    if result.returncode != 0:  # out of memory is a result too: the row says so and the benchmark goes on
+        lines = result.stderr.strip().splitlines()
+        return {"failed": lines[-1] if lines else f"exit code {result.returncode}"}
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
-    held = next(line for line in result.stdout.splitlines() if "parameters" in line)
+    held = next((line for line in result.stdout.splitlines() if "models hold" in line), "")
     return {"s_per_update": median(m["time/update"] for m in metrics[1:]),
             "rollout_s": median(m["time/rollout"] for m in metrics[1:]),
             "training_s": median(m["time/training"] for m in metrics[1:]),
@@ -111,7 +112,8 @@ def plot(rows: list, path: str, device: str) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, title in ((axes[0], "peak_gb", "peak memory (GB)"), (axes[1], "s_per_update", "seconds per update")):
         for offset, script, color in ((-0.2, "rloo.py", "tab:blue"), (0.2, "ppo.py", "tab:orange")):
-            values = [next(r[key] for r in rows if r["size"] == s and r["script"] == script) for s in sizes]
+            # A failed run (out of memory) has no bar.
+            values = [next(r.get(key, 0.0) for r in rows if r["size"] == s and r["script"] == script) for s in sizes]
             ax.bar([i + offset for i in range(len(sizes))], values, width=0.4, label=script.removesuffix(".py").upper(),
                    color=color)
         ax.set_xticks(range(len(sizes)), [f"pythia-{s} shape" for s in sizes])
@@ -126,6 +128,8 @@ def main(args: Args) -> None:
 
     import tiny_world
 
+    if args.updates < 2:
+        sys.exit("error: --updates must be at least 2 (the first update is warm-up)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     world = tiny_world.ensure_world()
     cache = args.cache_dir or os.path.join(os.path.dirname(tiny_world.cache_dir()), "pythia-shapes")
@@ -137,17 +141,20 @@ def main(args: Args) -> None:
                 row = {"size": size, "script": script,
                        **measure(script, paths, world["dataset_name"], args, os.path.join(scratch, f"{size}-{script}"))}
                 rows.append(row)
-                print(f"pythia-{size} shape, {script}: {row['s_per_update']:.2f} s/update, {row['peak_gb']:.2f} GB peak "
-                      f"({row['parameters']})", flush=True)
+                print(f"pythia-{size} shape, {script}: " + (f"failed: {row['failed']}" if "failed" in row else
+                      f"{row['s_per_update']:.2f} s/update, {row['peak_gb']:.2f} GB peak ({row['parameters']})"), flush=True)
     memory = "CUDA max allocated" if device == "cuda" else "peak RSS of the process"
     lines = [f"{args.batch_size} completions x {args.response_length} tokens per update, {args.num_ppo_epochs} epoch(s), "
              f"{args.dtype}, {device}; RLOO k={args.rloo_k}; time: median over updates 2..{args.updates}; memory: {memory}.",
              "", "| shape | script | s/update | rollout s | training s | peak GB | PPO / RLOO time | PPO / RLOO memory |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        if "failed" in row:
+            lines.append(f"| pythia-{row['size']} | {row['script']} | failed: {row['failed'][:80]} | | | | | |")
+            continue
         rloo = next(r for r in rows if r["size"] == row["size"] and r["script"] == "rloo.py")
         ratios = (f"{row['s_per_update'] / rloo['s_per_update']:.2f}x | {row['peak_gb'] / rloo['peak_gb']:.2f}x"
-                  if row["script"] == "ppo.py" else " | ")
+                  if row["script"] == "ppo.py" and "failed" not in rloo else " | ")
         lines.append(f"| pythia-{row['size']} | {row['script']} | {row['s_per_update']:.2f} | {row['rollout_s']:.2f} | "
                      f"{row['training_s']:.2f} | {row['peak_gb']:.2f} | {ratios} |")
     table = "\n".join(lines)

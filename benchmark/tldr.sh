@@ -7,16 +7,16 @@
 #         4 epochs, GAE gamma 1 lambda 0.95, value model from the reward model).
 # Then an LLM judge against the reference summaries on every policy (benchmark/judge.py, key in OPENAI_API_KEY)
 # and one table in benchmark/results/tldr_{rloo,ppo}.md. Finished runs are skipped on a rerun.
-# Variables: MODELS, KS (rloo), SEEDS, EXTRA_FLAGS (e.g. --track), JUDGE_MODEL, JUDGE_PROMPTS, RUNS, DRY_RUN=1.
-# LAUNCHER replaces `python` for the training runs. The 2.8b and 6.9b presets need more memory than one GPU holds
-# with fp32 master weights: multi-GPU (accelerate, DeepSpeed) is issue #6 and not supported yet.
+# Variables: MODELS (default pythia-1b; 6.9b needs the multi-GPU support of issue #6), KS (rloo), SEEDS,
+# EXTRA_FLAGS (e.g. --track), JUDGE_MODEL, JUDGE_PROMPTS, RUNS, DRY_RUN=1.
+# LAUNCHER replaces `python` for the training runs. EXTRA_FLAGS is split on spaces: no quoted values in it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmark/lib.sh
 ALGO=${1:?usage: tldr.sh rloo|ppo}
 PYTHON=${PYTHON:-python}
 LAUNCHER=${LAUNCHER:-$PYTHON}
-MODELS=${MODELS:-pythia-1b pythia-6.9b}
+MODELS=${MODELS:-pythia-1b}  # pythia-6.9b needs multi-GPU (issue #6)
 SEEDS=${SEEDS:-1}
 EXTRA_FLAGS=${EXTRA_FLAGS:-}
 JUDGE_MODEL=${JUDGE_MODEL:-gpt-4o}

@@ -148,9 +148,15 @@ def test_compare_runs_reads_the_llm_judges_result(tmp_path):
         with open(os.path.join(run, "judge_gpt-4o", "result.json"), "w") as f:
             json.dump({"win_rate": rate, "ci95": [rate - 0.03, rate + 0.03], "mean_length": 20.0, "failed": 1}, f)
     header, (row,) = rows_of(runs, columns=("judge win rate", "judge win rate 95% CI", "judge failures"))
-    # Two seeds: t = 12.706 times the standard error of the mean of 0.40 and 0.50.
-    half = 12.706 * (0.005 ** 0.5) / 2 ** 0.5
-    assert row[2:] == ["0.45 ± 0.071", f"[{0.45 - half:.3f}, {0.45 + half:.3f}]", "1 ± 0"]
+    # Two seeds: t = 12.706 times the standard error of the mean of 0.40 and 0.50 (0.635): clipped to [0, 1].
+    assert row[2:] == ["0.45 ± 0.071", "[0.000, 1.000]", "1 ± 0"]
+    # A second judge's result in the same run: which to show must be chosen.
+    os.makedirs(os.path.join(runs[0], "judge_other"))
+    with open(os.path.join(runs[0], "judge_other", "result.json"), "w") as f:
+        json.dump({"win_rate": 0.9, "ci95": [0.85, 0.95], "mean_length": 20.0, "failed": 0}, f)
+    with pytest.raises(SystemExit, match="several judges"):
+        compare_runs.summarise_run(runs[0], gold=False, gold_prompts=0)
+    assert compare_runs.summarise_run(runs[0], False, 0, judge_model="other")["figures"]["judge win rate"] == 0.9
 
 
 def test_memory_runtime_measures_both_scripts_and_draws_the_chart(tmp_path):
@@ -166,3 +172,15 @@ def test_memory_runtime_measures_both_scripts_and_draws_the_chart(tmp_path):
     assert all(r["s_per_update"] > 0 for r in rows.values())
     assert "| pythia-14m | ppo.py |" in open(f"{prefix}.md").read()
     assert open(f"{prefix}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_run_is_skipped_and_one_made_by_another_command_is_refused(tmp_path):
+    script = f"source {ROOT}/benchmark/lib.sh; train {tmp_path}/run \"$@\""
+    train = lambda *command: subprocess.run(["bash", "-c", script, "train", *command], capture_output=True, text=True)  # noqa: E731
+    makes_its_output_dir = [sys.executable, "-c", "import os, sys; os.makedirs(sys.argv[-1])"]
+    first = train(*makes_its_output_dir, "--flag", "a b")
+    assert first.returncode == 0 and (tmp_path / "run" / "FINISHED").exists(), first.stderr
+    again = train(*makes_its_output_dir, "--flag", "a b")
+    assert again.returncode == 0 and "skip" in again.stdout and "+ " not in again.stdout
+    other = train(*makes_its_output_dir, "--flag", "c")
+    assert other.returncode == 1 and "was made by another command" in other.stderr

@@ -9,6 +9,7 @@ a clipped value loss (Schulman et al. 2017; Ziegler et al. 2019; Huang et al. 20
     python ppo.py                       # tiny offline TL;DR world (tiny_world.py), CPU, minutes
     python ppo.py --model pythia-1b     # Huang et al. 2024 TL;DR SFT and reward models (GPU, hub)
     python ppo.py --model pythia-1b --help   # every knob, with that preset's defaults
+    accelerate launch --num_processes 8 ppo.py --model pythia-1b   # data parallel on 8 GPUs (README)
 """
 
 import argparse
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 import datasets
 import transformers
 import tyro
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
@@ -109,7 +112,7 @@ class Args:
     learning_rate: float = 3e-6
     """AdamW learning rate, decayed linearly to 0"""
     per_device_train_batch_size: int = 16
-    """completions per forward/backward pass"""
+    """completions per forward/backward pass, on each process"""
     gradient_accumulation_steps: int = 4
     """micro-batches per optimizer step"""
     local_rollout_forward_batch_size: int = 16
@@ -122,10 +125,14 @@ class Args:
     """how many times during training a table of sample completions is shown"""
 
     # Derived once from the above in check_args (not flags)
+    world_size: tyro.conf.Suppress[int] = 1
+    """processes the run is spread over (data parallel, one per GPU)"""
     batch_size: tyro.conf.Suppress[int] = 0
-    """completions per update"""
+    """completions per update, over all processes"""
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    """completions per update on each process"""
     mini_batch_size: tyro.conf.Suppress[int] = 0
-    """completions per optimizer step"""
+    """completions per optimizer step, over all processes"""
     num_updates: tyro.conf.Suppress[int] = 0
     """rollout + optimisation rounds"""
 
@@ -185,8 +192,9 @@ def parse_args(argv=None) -> Args:
 
 def check_args(args: Args) -> None:
     """Derive the batch sizes once and refuse settings that cannot work, with a one-line reason."""
-    args.mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    args.mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     args.batch_size = args.mini_batch_size * args.num_mini_batches
+    args.local_batch_size = args.batch_size // args.world_size
     args.num_updates = args.total_episodes // args.batch_size if args.batch_size > 0 else 0
     sizes = (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_mini_batches,
              args.num_ppo_epochs, args.local_rollout_forward_batch_size)
@@ -261,10 +269,10 @@ def logprobs_from_logits(logits, tokens, temperature):
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def forward(model, query_responses, attention_mask):
+def forward(model, query_responses, attention_mask, **kwargs):
     # Queries are left-padded, so positions are counted over real tokens only.
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids)
+    return model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
 
 def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
@@ -279,12 +287,13 @@ def reward_scores(reward_model, query_responses, attention_mask, last_index):
     hidden = forward(backbone, query_responses, attention_mask).last_hidden_state
     return reward_model.score(hidden[torch.arange(len(hidden)), last_index]).squeeze(-1).float()
 
-
 def response_values(value_model, query_responses, attention_mask, context_length):
-    """(B, R) value of each response token's state: the head read where the token is predicted from."""
-    backbone = getattr(value_model, value_model.base_model_prefix)
-    hidden = forward(backbone, query_responses, attention_mask).last_hidden_state[:, context_length - 1 : -1]
-    return value_model.score(hidden).squeeze(-1).float()
+    """(B, R) value of each response token's state: the head read where the token is predicted from. The pass
+    goes through the model's own forward, which data parallelism synchronises; its last hidden state is the
+    backbone's final one, which the score head reads at every position."""
+    output = forward(value_model, query_responses, attention_mask, output_hidden_states=True)
+    head = getattr(value_model, "module", value_model).score  # under DDP the model is wrapped in .module
+    return head(output.hidden_states[-1][:, context_length - 1 : -1]).squeeze(-1).float()
 
 
 def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
@@ -311,10 +320,14 @@ def load_or_exit(load, path, what, flag):
 def main(args: Args) -> None:
     datasets.disable_progress_bars()  # one line per update is the progress display
     transformers.utils.logging.disable_progress_bar()
+    # One process per GPU under `accelerate launch` (or torchrun); a plain `python ppo.py` is one process.
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    args.world_size, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
         import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
 
-        world = tiny_world.ensure_world()
+        with accelerator.main_process_first():  # one process builds, the others load
+            world = tiny_world.ensure_world()
         args.sft_model_path = args.sft_model_path or world["sft_model_path"]
         args.reward_model_path = args.reward_model_path or world["reward_model_path"]
         args.dataset_name = args.dataset_name or world["dataset_name"]
@@ -324,17 +337,19 @@ def main(args: Args) -> None:
     args.tokenizer_path = args.tokenizer_path or args.sft_model_path
     args.value_model_path = args.value_model_path or args.reward_model_path
     check_args(args)
-    run_name = f"{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"
+    run_name = broadcast_object_list([f"{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"])[0]
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
         sys.exit(f"error: --output-dir {args.output_dir!r} exists and is not empty; choose another directory")
+    accelerator.wait_for_everyone()  # every process has checked before the main one writes anything
 
-    # Seeding: sampling and minibatch order use the global generators, the prompt order its own.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    # Seeding: sampling and minibatch order use the global generators, seeded per process so that processes
+    # sample different completions; the prompt order has its own generator, the same on every process.
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     data_generator = torch.Generator().manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = accelerator.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     temperature = args.temperature
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=args.dtype != "fp32")  # noqa: E731
@@ -357,17 +372,19 @@ def main(args: Args) -> None:
                  "set --prompt-column")
     prompts = [ids for ids in tokenizer(list(dataset[args.prompt_column]), add_special_tokens=False)["input_ids"]
                if len(ids) <= args.max_prompt_length]
-    prompts_per_update = args.batch_size
+    prompts_per_update = args.batch_size  # over all processes: each takes its own slice
+    local_prompts = args.local_batch_size
     if len(prompts) < prompts_per_update:
         sys.exit(f"error: only {len(prompts)} prompts fit --max-prompt-length {args.max_prompt_length}; "
                  f"an update needs {prompts_per_update}")
 
     def prompt_batches():
-        """Endless prompt batches, reshuffled every epoch over the dataset."""
+        """Endless prompt batches, reshuffled every epoch over the dataset; this process's slice of each."""
         while True:
             order = torch.randperm(len(prompts), generator=data_generator).tolist()
             for start in range(0, len(order) - prompts_per_update + 1, prompts_per_update):
                 batch = [prompts[i] for i in order[start : start + prompts_per_update]]
+                batch = batch[rank * local_prompts : (rank + 1) * local_prompts]
                 width = max(map(len, batch))
                 yield torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
 
@@ -385,6 +402,7 @@ def main(args: Args) -> None:
     value_model = load_or_exit(
         lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32, num_labels=1),
         args.value_model_path, "value model", "--value-model-path").to(device).eval()
+    value_model.config.pad_token_id = pad_id  # its forward pools at the last non-pad token (unused here, but needed)
     for model in (ref_policy, reward_model):
         model.requires_grad_(False)
     if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
@@ -401,23 +419,30 @@ def main(args: Args) -> None:
     models = (policy, ref_policy, reward_model, value_model)  # PPO holds four models
     parameters = [*policy.parameters(), *value_model.parameters()]  # one optimizer, one loss: pg + vf_coef * vf
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0)
-    print(f"{len(models)} models hold {sum(p.numel() for m in models for p in m.parameters()) / 1e6:.2f}M parameters; "
-          f"{sum(p.numel() for p in parameters) / 1e6:.2f}M are trained (AdamW keeps 2 fp32 values for each)")
+    held, trained = sum(p.numel() for m in models for p in m.parameters()), sum(p.numel() for p in parameters)
+    accelerator.print(f"{len(models)} models hold {held / 1e6:.2f}M parameters; {trained / 1e6:.2f}M are trained "
+                      "(AdamW keeps 2 fp32 values for each)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0 - update / args.num_updates)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16 gradients underflow without it
+    # Data parallel: the policy's and value model's gradients are averaged over processes at every optimizer step
+    # (DDP); on one process prepare() changes nothing. Generation and no-grad forwards use the unwrapped models.
+    policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
+    unwrapped_policy, unwrapped_value_model = accelerator.unwrap_model(policy), accelerator.unwrap_model(value_model)
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
-    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
-    if args.track:
+    metrics_file = None
+    if is_main:  # only the main process logs and saves
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+        metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+    if args.track and is_main:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
                    config=dataclasses.asdict(args), dir=args.output_dir)
     sample_every = max(1, args.num_updates // max(1, args.num_sample_generations))
-    print(f"{args.num_updates} updates of {args.batch_size} completions (one per prompt) "
-          f"on {device}, {args.dtype}; output in {args.output_dir}")
+    accelerator.print(f"{args.num_updates} updates of {args.batch_size} completions (one per prompt) on "
+                      f"{args.world_size} x {device.type}, {args.dtype}; output in {args.output_dir}")
 
     batches = prompt_batches()
     start_time = time.time()
@@ -430,7 +455,7 @@ def main(args: Args) -> None:
         with torch.no_grad(), autocast():
             for i in range(0, len(queries), args.local_rollout_forward_batch_size):
                 query = queries[i : i + args.local_rollout_forward_batch_size]
-                output = policy.generate(input_ids=query, attention_mask=query != pad_id)
+                output = unwrapped_policy.generate(input_ids=query, attention_mask=query != pad_id)
                 response = output.sequences[:, context_length:]
                 response = F.pad(response, (0, args.response_length - response.shape[1]), value=pad_id)  # (b, R)
                 # Everything after the first stop token is padding; generate() pads rows that stopped early.
@@ -449,7 +474,8 @@ def main(args: Args) -> None:
                     logprob = F.pad(logprob, (0, args.response_length - logprob.shape[1]))
                     del logits, output
                 else:
-                    logprob = response_logprobs(policy, query_response, attention_mask, context_length, temperature)
+                    logprob = response_logprobs(unwrapped_policy, query_response, attention_mask, context_length,
+                                                temperature)
                 ref_logprob = response_logprobs(ref_policy, query_response, attention_mask, context_length, temperature)
                 last_index = context_length + (~after_stop).sum(1) - 1
                 responses.append(response)
@@ -457,7 +483,7 @@ def main(args: Args) -> None:
                 logprobs.append(logprob.masked_fill(after_stop, 0.0))
                 ref_logprobs.append(ref_logprob.masked_fill(after_stop, 0.0))
                 scores.append(reward_scores(reward_model, query_response, attention_mask, last_index))
-                value = response_values(value_model, query_response, attention_mask, context_length)
+                value = response_values(unwrapped_value_model, query_response, attention_mask, context_length)
                 values.append(value.masked_fill(after_stop, 0.0))
         responses, response_mask, logprobs, ref_logprobs, scores, values = map(
             torch.cat, (responses, response_masks, logprobs, ref_logprobs, scores, values))  # (B, R), scores (B,)
@@ -477,19 +503,22 @@ def main(args: Args) -> None:
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False)
         # GAE over the completion, then advantages whitened over its tokens (Huang et al. 2024).
+        local_mini_batch_size = args.mini_batch_size // args.world_size
         advantages, returns = compute_gae(rewards, values, args.gamma, args.lam)
         advantages = masked_whiten(advantages, response_mask)
 
-        # 3. Optimise: PPO-clip per token plus the clipped value loss; epochs x minibatches x micro-batches.
+        # 3. Optimise: PPO-clip per token plus the clipped value loss; epochs x minibatches x micro-batches, each
+        #    process over its own completions (its share of every minibatch), the gradients averaged over processes.
         train_start = time.time()
-        stats = {"approxkl": [], "clipfrac": [], "loss": [], "ratio": [], "vf_loss": [], "vf_clipfrac": []}
+        stats = {"approxkl": [], "clipfrac": [], "loss": [], "ratio": [], "ratio_mask": [], "vf_loss": [],
+                 "vf_clipfrac": []}
         diag_new, diag_old, diag_mask = [], [], []
         for epoch in range(args.num_ppo_epochs):
-            order = torch.randperm(args.batch_size, device=device)
-            for mb_start in range(0, args.batch_size, args.mini_batch_size):
-                for micro_start in range(mb_start, mb_start + args.mini_batch_size, args.per_device_train_batch_size):
+            order = torch.randperm(args.local_batch_size, device=device)
+            for mb_start in range(0, args.local_batch_size, local_mini_batch_size):
+                for micro_start in range(mb_start, mb_start + local_mini_batch_size, args.per_device_train_batch_size):
                     idx = order[micro_start : micro_start + args.per_device_train_batch_size]
-                    with autocast():
+                    with autocast(), accelerator.accumulate(policy):  # DDP syncs at the minibatch's last micro-batch
                         new_logprobs = response_logprobs(policy, query_responses[idx], attention_masks[idx],
                                                          context_length, temperature)
                         new_values = response_values(value_model, query_responses[idx], attention_masks[idx],
@@ -506,13 +535,16 @@ def main(args: Args) -> None:
                                                    args.cliprange)
                     vf_loss, vf_clipfrac = clipped_value_loss(new_values[mask], values[idx][mask], returns[idx][mask],
                                                               args.cliprange_value)
-                    scaler.scale((loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps).backward()
+                    accelerator.backward(scaler.scale(loss + args.vf_coef * vf_loss))  # divides by accumulation steps
                     with torch.no_grad():
                         log_ratio = (new_logprobs - old_logprobs)[mask]
                         stats["approxkl"].append(0.5 * (log_ratio**2).mean())
                         stats["clipfrac"].append(clipfrac)
                         stats["loss"].append(loss.detach())
-                        stats["ratio"].append(log_ratio.exp())
+                        # Whole (b, R) rows and their mask: processes hold different numbers of real tokens, and
+                        # gathering needs the same shape everywhere.
+                        stats["ratio"].append((new_logprobs - old_logprobs).exp())
+                        stats["ratio_mask"].append(mask)
                         stats["vf_loss"].append(vf_loss.detach())
                         stats["vf_clipfrac"].append(vf_clipfrac)
                         if first_minibatch:
@@ -520,31 +552,44 @@ def main(args: Args) -> None:
                             diag_old.append(old_logprobs)
                             diag_mask.append(response_mask[idx])
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+                accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         train_time = time.time() - train_start
 
-        # 4. Log: one dict per update, to the console, metrics.jsonl and wandb.
-        ratio = torch.cat(stats["ratio"])
+        # 4. Log: one dict per update, to the console, metrics.jsonl and wandb, from the samples of every process
+        #    (gather concatenates them in process order; on one process it changes nothing).
+        gathered = {name: accelerator.gather(tensor) for name, tensor in {
+            "kl": kl.sum(1), "entropy": -logprobs.sum(1), "non_score_reward": non_score_reward,
+            "rlhf_reward": rlhf_reward, "scores": scores, "num_eos_tokens": (responses == eos_id).sum(1),
+            "approxkl": torch.stack(stats["approxkl"]), "clipfrac": torch.stack(stats["clipfrac"]),
+            "loss": torch.stack(stats["loss"]), "ratio": torch.cat(stats["ratio"]), "diag_new": torch.cat(diag_new),
+            "ratio_mask": torch.cat(stats["ratio_mask"]).long(),
+            "diag_old": torch.cat(diag_old), "diag_mask": torch.cat(diag_mask).long(), "returns": returns,
+            "values": values, "response_mask": response_mask.long(), "vf_loss": torch.stack(stats["vf_loss"]),
+            "vf_clipfrac": torch.stack(stats["vf_clipfrac"])}.items()}
+        valid = gathered["response_mask"].bool()
+        ratio = gathered["ratio"][gathered["ratio_mask"].bool()]
         metrics = {
-            "objective/kl": kl.sum(1).mean().item(),
-            "objective/entropy": (-logprobs).sum(1).mean().item(),
-            "objective/non_score_reward": non_score_reward.mean().item(),
-            "objective/rlhf_reward": rlhf_reward.mean().item(),
-            "objective/scores": scores.mean().item(),
-            "policy/approxkl_avg": torch.stack(stats["approxkl"]).mean().item(),
-            "policy/clipfrac_avg": torch.stack(stats["clipfrac"]).mean().item(),
-            "loss/policy_avg": torch.stack(stats["loss"]).mean().item(),
-            "loss/value_avg": torch.stack(stats["vf_loss"]).mean().item(),
-            "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean().item(),
-            "val/explained_variance": (1 - (returns - values)[response_mask].var() / returns[response_mask].var()).item(),
+            "objective/kl": gathered["kl"].mean().item(),
+            "objective/entropy": gathered["entropy"].mean().item(),
+            "objective/non_score_reward": gathered["non_score_reward"].mean().item(),
+            "objective/rlhf_reward": gathered["rlhf_reward"].mean().item(),
+            "objective/scores": gathered["scores"].mean().item(),
+            "policy/approxkl_avg": gathered["approxkl"].mean().item(),
+            "policy/clipfrac_avg": gathered["clipfrac"].mean().item(),
+            "loss/policy_avg": gathered["loss"].mean().item(),
+            "loss/value_avg": gathered["vf_loss"].mean().item(),
+            "val/clipfrac_avg": gathered["vf_clipfrac"].mean().item(),
+            "val/explained_variance": (1 - (gathered["returns"] - gathered["values"])[valid].var()
+                                       / gathered["returns"][valid].var()).item(),
             "val/ratio": ratio.mean().item(),
             "val/ratio_var": ratio.var().item() if len(ratio) > 1 else 0.0,
-            "val/num_eos_tokens": (responses == eos_id).sum().item(),
-            **ratio_diagnostics(torch.cat(diag_new), torch.cat(diag_old), torch.cat(diag_mask), args.cliprange),
+            "val/num_eos_tokens": gathered["num_eos_tokens"].sum().item(),
+            **ratio_diagnostics(gathered["diag_new"], gathered["diag_old"], gathered["diag_mask"].bool(),
+                                args.cliprange),
             "lr": scheduler.get_last_lr()[0],
             "episode": update * args.batch_size,
             "eps": update * args.batch_size / (time.time() - start_time),
@@ -554,6 +599,8 @@ def main(args: Args) -> None:
             "memory/peak_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda"
                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         }
+        if not is_main:
+            continue
         metrics_file.write(json.dumps({"update": update, **metrics}) + "\n")
         metrics_file.flush()
         print(f"update {update}/{args.num_updates}  episode {metrics['episode']}  "
@@ -572,14 +619,19 @@ def main(args: Args) -> None:
                 metrics["samples"] = wandb.Table(columns=["query", "response", "score"], data=samples)
             wandb.log(metrics, step=update)
 
-    metrics_file.close()
-    policy.generation_config = sft_generation_config
-    policy.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    value_model.save_pretrained(os.path.join(args.output_dir, "value_model"))
-    print(f"saved the policy and tokenizer to {args.output_dir}, the value model to its value_model/")
-    if args.track:
-        wandb.finish()
+    # Every process takes part in collecting the weights (a no-op without sharding); the main one writes them.
+    unwrapped_policy.generation_config = sft_generation_config
+    state_dict, value_state_dict = accelerator.get_state_dict(policy), accelerator.get_state_dict(value_model)
+    if is_main:
+        metrics_file.close()
+        unwrapped_policy.save_pretrained(args.output_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(args.output_dir)
+        unwrapped_value_model.save_pretrained(os.path.join(args.output_dir, "value_model"),
+                                              state_dict=value_state_dict)
+        print(f"saved the policy and tokenizer to {args.output_dir}, the value model to its value_model/")
+        if args.track:
+            wandb.finish()
+    accelerator.wait_for_everyone()  # no process exits while another still needs it
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""Runs rloo.py or ppo.py (as `torchrun ... distributed_probe.py SCRIPT RECORD_DIR FLAGS...`) and records, for each
+process, what a data-parallel run must agree on; used by tests/test_distributed.py.
+
+- After every optimizer step: the gradient norm before clipping and a checksum of the parameters.
+- Every prompt the process generated from, in order.
+- Sampling is made a function of (prompt, how many times this prompt was sampled before), not of the batch it is
+  in: each completion is sampled alone, from its own seed. A run over 2 processes with B completions each then
+  samples exactly the completions of a run over 1 process with 2B, and the two must compute the same update.
+"""
+
+import collections
+import json
+import os
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+from transformers.generation.utils import GenerationMixin
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+script, record_dir, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
+rank = int(os.environ.get("RANK", 0))
+records = {"grad_norms": [], "checksums": [], "prompts": []}
+
+original_generate = GenerationMixin.generate
+times_sampled = collections.Counter()
+
+
+def generate_each_alone(self, input_ids, attention_mask, **kwargs):
+    new_tokens = []
+    for ids, mask in zip(input_ids, attention_mask):
+        prompt = tuple(ids[mask.bool()].tolist())
+        records["prompts"].append(prompt)
+        torch.manual_seed(hash((prompt, times_sampled[prompt])) % 2**31)  # a tuple of ints hashes the same everywhere
+        times_sampled[prompt] += 1
+        alone = torch.tensor([prompt])
+        output = original_generate(self, input_ids=alone, attention_mask=torch.ones_like(alone), **kwargs)
+        new_tokens.append(output.sequences[0, len(prompt) :])
+    width = max(len(tokens) for tokens in new_tokens)
+    pad_id = self.generation_config.pad_token_id
+    new_tokens = torch.stack([F.pad(tokens, (0, width - len(tokens)), value=pad_id) for tokens in new_tokens])
+    return types.SimpleNamespace(sequences=torch.cat([input_ids, new_tokens], 1))
+
+
+original_clip = torch.nn.utils.clip_grad_norm_
+
+
+def clip_and_record(parameters, *args, **kwargs):
+    norm = original_clip(parameters, *args, **kwargs)
+    records["grad_norms"].append(norm.item())
+    return norm
+
+
+original_step = torch.optim.AdamW.step
+
+
+def step_and_record(self, *args, **kwargs):
+    result = original_step(self, *args, **kwargs)
+    params = [p for group in self.param_groups for p in group["params"]]
+    records["checksums"].append(sum(p.detach().double().sum().item() for p in params))
+    return result
+
+
+GenerationMixin.generate = generate_each_alone
+torch.nn.utils.clip_grad_norm_ = clip_and_record
+torch.optim.AdamW.step = step_and_record
+
+module = __import__(script)
+module.main(module.parse_args(flags))
+os.makedirs(record_dir, exist_ok=True)
+with open(os.path.join(record_dir, f"rank{rank}.json"), "w") as f:
+    json.dump(records, f)

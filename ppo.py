@@ -287,6 +287,7 @@ def reward_scores(reward_model, query_responses, attention_mask, last_index):
     hidden = forward(backbone, query_responses, attention_mask).last_hidden_state
     return reward_model.score(hidden[torch.arange(len(hidden)), last_index]).squeeze(-1).float()
 
+
 def response_values(value_model, query_responses, attention_mask, context_length):
     """(B, R) value of each response token's state: the head read where the token is predicted from. The pass
     goes through the model's own forward, which data parallelism synchronises; its last hidden state is the
@@ -321,7 +322,12 @@ def main(args: Args) -> None:
     datasets.disable_progress_bars()  # one line per update is the progress display
     transformers.utils.logging.disable_progress_bar()
     # One process per GPU under `accelerate launch` (or torchrun); a plain `python ppo.py` is one process.
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    # Precision is --dtype's alone (autocast below), whatever an accelerate config says; a GPU or else the CPU.
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="no",
+                              cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        sys.exit(f"error: {accelerator.distributed_type.name} is not supported yet (data parallel only: see the "
+                 "README); launch without a DeepSpeed or FSDP accelerate config")
     args.world_size, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
         import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
@@ -345,9 +351,10 @@ def main(args: Args) -> None:
 
     # Seeding: sampling and minibatch order use the global generators, seeded per process so that processes
     # sample different completions; the prompt order has its own generator, the same on every process.
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    process_seed = args.seed + 100003 * rank  # so that seed s on process 1 is not seed s + 1 on process 0
+    random.seed(process_seed)
+    np.random.seed(process_seed)
+    torch.manual_seed(process_seed)
     data_generator = torch.Generator().manual_seed(args.seed)
     device = accelerator.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -502,8 +509,8 @@ def main(args: Args) -> None:
         rlhf_reward = scores + non_score_reward
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False)
-        # GAE over the completion, then advantages whitened over its tokens (Huang et al. 2024).
-        local_mini_batch_size = args.mini_batch_size // args.world_size
+        # GAE over the completion, then advantages whitened over its tokens (Huang et al. 2024), over this
+        # process's completions (as TRL does).
         advantages, returns = compute_gae(rewards, values, args.gamma, args.lam)
         advantages = masked_whiten(advantages, response_mask)
 
@@ -513,12 +520,13 @@ def main(args: Args) -> None:
         stats = {"approxkl": [], "clipfrac": [], "loss": [], "ratio": [], "ratio_mask": [], "vf_loss": [],
                  "vf_clipfrac": []}
         diag_new, diag_old, diag_mask = [], [], []
+        local_mini_batch_size = args.mini_batch_size // args.world_size
         for epoch in range(args.num_ppo_epochs):
             order = torch.randperm(args.local_batch_size, device=device)
             for mb_start in range(0, args.local_batch_size, local_mini_batch_size):
                 for micro_start in range(mb_start, mb_start + local_mini_batch_size, args.per_device_train_batch_size):
                     idx = order[micro_start : micro_start + args.per_device_train_batch_size]
-                    with autocast(), accelerator.accumulate(policy):  # DDP syncs at the minibatch's last micro-batch
+                    with autocast(), accelerator.accumulate(policy, value_model):  # DDP syncs at the last micro-batch
                         new_logprobs = response_logprobs(policy, query_responses[idx], attention_masks[idx],
                                                          context_length, temperature)
                         new_values = response_values(value_model, query_responses[idx], attention_masks[idx],
@@ -565,8 +573,8 @@ def main(args: Args) -> None:
             "kl": kl.sum(1), "entropy": -logprobs.sum(1), "non_score_reward": non_score_reward,
             "rlhf_reward": rlhf_reward, "scores": scores, "num_eos_tokens": (responses == eos_id).sum(1),
             "approxkl": torch.stack(stats["approxkl"]), "clipfrac": torch.stack(stats["clipfrac"]),
-            "loss": torch.stack(stats["loss"]), "ratio": torch.cat(stats["ratio"]), "diag_new": torch.cat(diag_new),
-            "ratio_mask": torch.cat(stats["ratio_mask"]).long(),
+            "loss": torch.stack(stats["loss"]), "ratio": torch.cat(stats["ratio"]),
+            "ratio_mask": torch.cat(stats["ratio_mask"]).long(), "diag_new": torch.cat(diag_new),
             "diag_old": torch.cat(diag_old), "diag_mask": torch.cat(diag_mask).long(), "returns": returns,
             "values": values, "response_mask": response_mask.long(), "vf_loss": torch.stack(stats["vf_loss"]),
             "vf_clipfrac": torch.stack(stats["vf_clipfrac"])}.items()}

@@ -282,7 +282,12 @@ def main(args: Args) -> None:
     datasets.disable_progress_bars()  # one line per update is the progress display
     transformers.utils.logging.disable_progress_bar()
     # One process per GPU under `accelerate launch` (or torchrun); a plain `python rloo.py` is one process.
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    # Precision is --dtype's alone (autocast below), whatever an accelerate config says; a GPU or else the CPU.
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="no",
+                              cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        sys.exit(f"error: {accelerator.distributed_type.name} is not supported yet (data parallel only: see the "
+                 "README); launch without a DeepSpeed or FSDP accelerate config")
     args.world_size, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
         import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
@@ -305,9 +310,10 @@ def main(args: Args) -> None:
 
     # Seeding: sampling and minibatch order use the global generators, seeded per process so that processes
     # sample different completions; the prompt order has its own generator, the same on every process.
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    process_seed = args.seed + 100003 * rank  # so that seed s on process 1 is not seed s + 1 on process 0
+    random.seed(process_seed)
+    np.random.seed(process_seed)
+    torch.manual_seed(process_seed)
     data_generator = torch.Generator().manual_seed(args.seed)
     device = accelerator.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -467,7 +473,7 @@ def main(args: Args) -> None:
             for mb_start in range(0, args.local_batch_size, local_mini_batch_size):
                 for micro_start in range(mb_start, mb_start + local_mini_batch_size, args.per_device_train_batch_size):
                     idx = order[micro_start : micro_start + args.per_device_train_batch_size]
-                    with autocast(), accelerator.accumulate(policy):  # DDP syncs at the minibatch's last micro-batch
+                    with autocast(), accelerator.accumulate(policy):  # DDP syncs at the last micro-batch
                         new_logprobs = response_logprobs(policy, query_responses[idx], attention_masks[idx],
                                                          context_length, temperature)
                     new_logprobs = new_logprobs.masked_fill(~response_mask[idx], 0.0)

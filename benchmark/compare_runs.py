@@ -28,7 +28,7 @@ def t_975(df: int) -> float:
     """The 97.5% quantile of Student's t: exact to 9 degrees of freedom, then 1.96 + 2.4 / df (within 0.01)."""
     return T_975.get(df, 1.96 + 2.4 / df)
 PER_RUN_ARGS = {"seed", "output_dir"}  # what may differ within one configuration
-DERIVED_ARGS = {"batch_size", "mini_batch_size", "num_updates"}  # follow from the others; never a label
+DERIVED_ARGS = {"batch_size", "local_batch_size", "mini_batch_size", "num_updates"}  # follow from the others
 
 
 @dataclass
@@ -104,7 +104,8 @@ def gold_figures(policy_path: str, gold_prompts: int) -> dict:
 
 
 def configuration(args: dict) -> tuple:
-    return tuple(sorted((k, json.dumps(v)) for k, v in args.items() if k not in PER_RUN_ARGS))
+    args = {"world_size": 1, **args}  # runs from before data parallelism were single-process
+    return tuple(sorted((k, json.dumps(v)) for k, v in args.items() if k not in PER_RUN_ARGS | DERIVED_ARGS))
 
 
 def win_rate_interval(figures: list, rate: str) -> tuple:

@@ -5,7 +5,6 @@ update as 1 process with 2B (tests/distributed_probe.py makes sampling independe
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -17,29 +16,24 @@ from transformers import AutoModelForCausalLM
 PROBE = os.path.join(ROOT, "tests", "distributed_probe.py")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(script, tmp_path, name, processes, *flags):
     """The probe on `processes` processes (plain python for 1, as a user runs it); returns (metrics, records)."""
     output_dir, record_dir = tmp_path / name, tmp_path / f"{name}_records"
     launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
-                     "--master_port", str(free_port())]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    if processes > 1:  # --standalone: a rendezvous on localhost, on a port of its own choosing
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     log = tmp_path / f"{name}.log"
     with open(log, "w") as out:
-        try:
-            result = subprocess.run([*launcher, PROBE, script, str(record_dir), *flags, "--output-dir", str(output_dir),
+        launched = subprocess.Popen([*launcher, PROBE, script, str(record_dir), *flags, "--output-dir", str(output_dir),
                                      "--num-sample-generations", "0"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, timeout=300)
+                                    stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            launched.wait(timeout=300)
         except subprocess.TimeoutExpired:
+            launched.terminate()  # torchrun stops its workers (in sessions of their own) when it is terminated
+            launched.wait(timeout=60)
             pytest.fail(f"{name} timed out:\n{log.read_text()[-3000:]}")
-    assert result.returncode == 0, log.read_text()[-3000:]
+    assert launched.returncode == 0, log.read_text()[-3000:]
     records = [json.load(open(record_dir / f"rank{r}.json")) for r in range(processes)]
     for record in records:
         record["prompts"] = [tuple(prompt) for prompt in record["prompts"]]

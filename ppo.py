@@ -560,7 +560,12 @@ def main(args: Args) -> None:
                             diag_old.append(old_logprobs)
                             diag_mask.append(response_mask[idx])
                 scaler.unscale_(optimizer)
-                accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)  # the same on every process
+                if args.dtype != "fp16" and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
+                    culprit = next((name for name, value in (("score", scores), ("KL", kl), ("loss", loss))
+                                    if not torch.isfinite(value).all()), "gradient")
+                    sys.exit(f"error: update {update}: non-finite {culprit}; stopped before the optimizer step, "
+                             "so the weights stay finite and nothing was saved")
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)

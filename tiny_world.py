@@ -338,7 +338,7 @@ def ensure_world() -> dict:
     root = cache_dir()
     if not os.path.isdir(root):
         os.makedirs(os.path.dirname(root), exist_ok=True)
-        log(f"building the tiny world in {root} (once; about two minutes on 2 CPU cores)")
+        log(f"building the tiny world in {root} (once; a minute or two on 2 CPU cores)")
         staging = tempfile.mkdtemp(prefix=f".{VERSION}-", dir=os.path.dirname(root))
         try:
             with torch.random.fork_rng():

@@ -10,11 +10,14 @@ a clipped value loss (Schulman et al. 2017; Ziegler et al. 2019; Huang et al. 20
     python ppo.py --model pythia-1b     # Huang et al. 2024 TL;DR SFT and reward models (GPU, hub)
     python ppo.py --model pythia-1b --help   # every knob, with that preset's defaults
     accelerate launch --num_processes 8 ppo.py --model pythia-1b   # data parallel on 8 GPUs (README)
+    accelerate launch --config_file benchmark/zero3.yaml ppo.py --model pythia-6.9b   # DeepSpeed ZeRO-3 (README)
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import resource
@@ -290,11 +293,23 @@ def reward_scores(reward_model, query_responses, attention_mask, last_index):
 
 def response_values(value_model, query_responses, attention_mask, context_length):
     """(B, R) value of each response token's state: the head read where the token is predicted from. The pass
-    goes through the model's own forward, which data parallelism synchronises; its last hidden state is the
-    backbone's final one, which the score head reads at every position."""
+    goes through the model's own forward; its last hidden state is the backbone's final one, which the score
+    head reads at every position."""
     output = forward(value_model, query_responses, attention_mask, output_hidden_states=True)
-    head = getattr(value_model, "module", value_model).score  # under DDP the model is wrapped in .module
-    return head(output.hidden_states[-1][:, context_length - 1 : -1]).squeeze(-1).float()
+    return value_model.score(output.hidden_states[-1][:, context_length - 1 : -1]).squeeze(-1).float()
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The two trained models as one module, so that one optimizer, one gradient clip and one data-parallel (or
+    DeepSpeed) engine serve both; its forward is the training pass of both."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, query_responses, attention_mask, context_length, temperature):
+        return (response_logprobs(self.policy, query_responses, attention_mask, context_length, temperature),
+                response_values(self.value_model, query_responses, attention_mask, context_length))
 
 
 def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
@@ -311,6 +326,11 @@ def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
     return stats
 
 
+def stop_non_finite(update, quantity, stepped=False):
+    state = "after DeepSpeed's step" if stepped else "stopped before the optimizer step, so the weights stay finite"
+    sys.exit(f"error: update {update}: non-finite {quantity}; {state}; nothing was saved")
+
+
 def load_or_exit(load, path, what, flag):
     try:
         return load(path)
@@ -325,9 +345,10 @@ def main(args: Args) -> None:
     # Precision is --dtype's alone (autocast below), whatever an accelerate config says; a GPU or else the CPU.
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="no",
                               cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU"):
-        sys.exit(f"error: {accelerator.distributed_type.name} is not supported yet (data parallel only: see the "
-                 "README); launch without a DeepSpeed or FSDP accelerate config")
+    if accelerator.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED"):
+        sys.exit(f"error: {accelerator.distributed_type.name} is not supported (data parallel or DeepSpeed ZeRO only: "
+                 "see the README); launch with another accelerate config")
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else None
     args.world_size, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
         import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
@@ -343,6 +364,16 @@ def main(args: Args) -> None:
     args.tokenizer_path = args.tokenizer_path or args.sft_model_path
     args.value_model_path = args.value_model_path or args.reward_model_path
     check_args(args)
+    if zero_stage is not None:
+        # Under DeepSpeed ZeRO the flags, not the accelerate config, set the sizes, the clipping and the precision;
+        # the config sets the stage and any offloading. bf16 then means bf16 weights with fp32 master weights in
+        # the optimizer (DeepSpeed's mixed precision), and the frozen models are held the same way (below).
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config.update(train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
+                         gradient_accumulation_steps=args.gradient_accumulation_steps,
+                         train_batch_size=args.mini_batch_size, gradient_clipping=args.max_grad_norm,
+                         bf16={"enabled": args.dtype == "bf16"}, fp16={"enabled": args.dtype == "fp16"})
+        ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # a loadable save
     run_name = broadcast_object_list([f"{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"])[0]
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
@@ -395,23 +426,34 @@ def main(args: Args) -> None:
                 width = max(map(len, batch))
                 yield torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
 
+    def frozen(model):
+        """The reference and reward models: never trained, no gradients. Under DeepSpeed they become inference
+        engines, held like the policy: in its precision and, under ZeRO-3, sharded over the processes."""
+        model.requires_grad_(False)
+        if zero_stage is None:
+            return model.to(device).eval()
+        import deepspeed
+
+        config = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size, "bf16": ds_config["bf16"],
+                  "fp16": ds_config["fp16"], "zero_optimization": {"stage": 3 if zero_stage == 3 else 0}}
+        return deepspeed.initialize(model=model, config=config)[0].module.eval()
+
     # Models: the policy and the value model keep fp32 weights and autocast does the low-precision compute. The
     # reference policy is held exactly like the policy, so that the KL is exactly 0 before the first update in
     # every dtype; the reward model is stored in the compute dtype. Every model stays in eval mode: dropout off,
-    # as Huang et al. require, and nothing else in these models depends on the mode.
+    # as Huang et al. require, and nothing else in these models depends on the mode. (Under ZeRO-3,
+    # from_pretrained loads each model already sharded over the processes.)
     policy = load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
-                          args.sft_model_path, "SFT policy", "--sft-model-path").to(device).eval()
-    ref_policy = load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
-                              args.sft_model_path, "SFT policy", "--sft-model-path").to(device).eval()
-    reward_model = load_or_exit(
+                          args.sft_model_path, "SFT policy", "--sft-model-path").eval()
+    ref_policy = frozen(load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
+                                     args.sft_model_path, "SFT policy", "--sft-model-path"))
+    reward_model = frozen(load_or_exit(
         lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1),
-        args.reward_model_path, "reward model", "--reward-model-path").to(device).eval()
+        args.reward_model_path, "reward model", "--reward-model-path"))
     value_model = load_or_exit(
         lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32, num_labels=1),
-        args.value_model_path, "value model", "--value-model-path").to(device).eval()
+        args.value_model_path, "value model", "--value-model-path").eval()
     value_model.config.pad_token_id = pad_id  # its forward pools at the last non-pad token (unused here, but needed)
-    for model in (ref_policy, reward_model):
-        model.requires_grad_(False)
     if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
         sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the policy's embeddings; "
                  "use a tokenizer that matches --sft-model-path")
@@ -426,15 +468,39 @@ def main(args: Args) -> None:
     models = (policy, ref_policy, reward_model, value_model)  # PPO holds four models
     parameters = [*policy.parameters(), *value_model.parameters()]  # one optimizer, one loss: pg + vf_coef * vf
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0)
-    held, trained = sum(p.numel() for m in models for p in m.parameters()), sum(p.numel() for p in parameters)
+    count = lambda params: sum(getattr(p, "ds_numel", p.numel()) for p in params)  # noqa: E731 (ZeRO-3: full sizes)
+    held, trained = count(p for m in models for p in m.parameters()), count(parameters)
     accelerator.print(f"{len(models)} models hold {held / 1e6:.2f}M parameters; {trained / 1e6:.2f}M are trained "
                       "(AdamW keeps 2 fp32 values for each)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0 - update / args.num_updates)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16 gradients underflow without it
+    # fp16 gradients underflow without loss scaling (DeepSpeed scales its own)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16" and zero_stage is None)
     # Data parallel: the policy's and value model's gradients are averaged over processes at every optimizer step
-    # (DDP); on one process prepare() changes nothing. Generation and no-grad forwards use the unwrapped models.
-    policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
-    unwrapped_policy, unwrapped_value_model = accelerator.unwrap_model(policy), accelerator.unwrap_model(value_model)
+    # (DDP, or DeepSpeed, whose engine then also clips and steps inside backward); on one process prepare() only
+    # moves them to the device. The two are prepared as one module, as one engine serves one model. Generation
+    # and no-grad forwards use the unwrapped models.
+    policy_and_value, optimizer = accelerator.prepare(PolicyAndValue(policy, value_model), optimizer)
+    unwrapped_policy = accelerator.unwrap_model(policy_and_value).policy
+    unwrapped_value_model = accelerator.unwrap_model(policy_and_value).value_model
+
+    @contextlib.contextmanager
+    def whole_weights():
+        """Under ZeRO-3 each process holds a shard of every weight, and each layer gathers its own in its forward.
+        Generation runs the model once per token, so the rollout gathers the whole policy and value model once
+        instead, with the per-layer hooks off meanwhile (TRL does the same). Elsewhere there is nothing to gather."""
+        if zero_stage != 3:
+            yield
+            return
+        import deepspeed
+
+        hooks = policy_and_value.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(policy_and_value.module.parameters())):
+            hooks._remove_module_hooks()
+            try:
+                yield
+            finally:
+                hooks.forward_hooks.clear(), hooks.backward_hooks.clear()
+                hooks.setup_zero_stage3_hooks()
 
     metrics_file = None
     if is_main:  # only the main process logs and saves
@@ -459,7 +525,7 @@ def main(args: Args) -> None:
         queries = next(batches).to(device)  # (B, Tq)
         context_length = queries.shape[1]
         responses, response_masks, logprobs, ref_logprobs, scores, values = [], [], [], [], [], []
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(), whole_weights():
             for i in range(0, len(queries), args.local_rollout_forward_batch_size):
                 query = queries[i : i + args.local_rollout_forward_batch_size]
                 output = unwrapped_policy.generate(input_ids=query, attention_mask=query != pad_id)
@@ -526,11 +592,9 @@ def main(args: Args) -> None:
             for mb_start in range(0, args.local_batch_size, local_mini_batch_size):
                 for micro_start in range(mb_start, mb_start + local_mini_batch_size, args.per_device_train_batch_size):
                     idx = order[micro_start : micro_start + args.per_device_train_batch_size]
-                    with autocast(), accelerator.accumulate(policy, value_model):  # DDP syncs at the last micro-batch
-                        new_logprobs = response_logprobs(policy, query_responses[idx], attention_masks[idx],
-                                                         context_length, temperature)
-                        new_values = response_values(value_model, query_responses[idx], attention_masks[idx],
-                                                     context_length)
+                    with autocast(), accelerator.accumulate(policy_and_value):  # DDP syncs at the last micro-batch
+                        new_logprobs, new_values = policy_and_value(query_responses[idx], attention_masks[idx],
+                                                                    context_length, temperature)
                     new_logprobs = new_logprobs.masked_fill(~response_mask[idx], 0.0)
                     first_minibatch = epoch == 0 and mb_start == 0
                     old_logprobs = logprobs[idx]
@@ -543,6 +607,10 @@ def main(args: Args) -> None:
                                                    args.cliprange)
                     vf_loss, vf_clipfrac = clipped_value_loss(new_values[mask], values[idx][mask], returns[idx][mask],
                                                               args.cliprange_value)
+                    # Checked before backward, inside which DeepSpeed steps (fp16's loss scaling skips such steps)
+                    if args.dtype != "fp16" and not torch.isfinite(loss + vf_loss):
+                        stop_non_finite(update, next((name for name, value in (("score", scores), ("KL", kl))
+                                                      if not torch.isfinite(value).all()), "loss"))
                     accelerator.backward(scaler.scale(loss + args.vf_coef * vf_loss))  # divides by accumulation steps
                     with torch.no_grad():
                         log_ratio = (new_logprobs - old_logprobs)[mask]
@@ -560,12 +628,9 @@ def main(args: Args) -> None:
                             diag_old.append(old_logprobs)
                             diag_mask.append(response_mask[idx])
                 scaler.unscale_(optimizer)
-                grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)  # the same on every process
-                if args.dtype != "fp16" and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
-                    culprit = next((name for name, value in (("score", scores), ("KL", kl), ("loss", loss))
-                                    if not torch.isfinite(value).all()), "gradient")
-                    sys.exit(f"error: update {update}: non-finite {culprit}; stopped before the optimizer step, "
-                             "so the weights stay finite and nothing was saved")
+                grad_norm = float(accelerator.clip_grad_norm_(parameters, args.max_grad_norm))  # same on every process
+                if args.dtype != "fp16" and not math.isfinite(grad_norm):
+                    stop_non_finite(update, "gradient", stepped=zero_stage is not None)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -634,13 +699,14 @@ def main(args: Args) -> None:
 
     # Every process takes part in collecting the weights (a no-op without sharding); the main one writes them.
     unwrapped_policy.generation_config = sft_generation_config
-    state_dict, value_state_dict = accelerator.get_state_dict(policy), accelerator.get_state_dict(value_model)
+    state_dict = accelerator.get_state_dict(policy_and_value)
     if is_main:
         metrics_file.close()
-        unwrapped_policy.save_pretrained(args.output_dir, state_dict=state_dict)
+        part = lambda prefix: {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}  # noqa
+        unwrapped_policy.save_pretrained(args.output_dir, state_dict=part("policy."))
         tokenizer.save_pretrained(args.output_dir)
         unwrapped_value_model.save_pretrained(os.path.join(args.output_dir, "value_model"),
-                                              state_dict=value_state_dict)
+                                              state_dict=part("value_model."))
         print(f"saved the policy and tokenizer to {args.output_dir}, the value model to its value_model/")
         if args.track:
             wandb.finish()

@@ -10,11 +10,14 @@ with one epoch and one minibatch it is exactly REINFORCE with that baseline.
     python rloo.py --model pythia-1b     # Huang et al. 2024 TL;DR SFT and reward models (GPU, hub)
     python rloo.py --model pythia-1b --help   # every knob, with that preset's defaults
     accelerate launch --num_processes 8 rloo.py --model pythia-1b   # data parallel on 8 GPUs (README)
+    accelerate launch --config_file benchmark/zero3.yaml rloo.py --model pythia-6.9b   # DeepSpeed ZeRO-3 (README)
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import resource
@@ -271,6 +274,11 @@ def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
     return stats
 
 
+def stop_non_finite(update, quantity, stepped=False):
+    state = "after DeepSpeed's step" if stepped else "stopped before the optimizer step, so the weights stay finite"
+    sys.exit(f"error: update {update}: non-finite {quantity}; {state}; nothing was saved")
+
+
 def load_or_exit(load, path, what, flag):
     try:
         return load(path)
@@ -285,9 +293,10 @@ def main(args: Args) -> None:
     # Precision is --dtype's alone (autocast below), whatever an accelerate config says; a GPU or else the CPU.
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="no",
                               cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU"):
-        sys.exit(f"error: {accelerator.distributed_type.name} is not supported yet (data parallel only: see the "
-                 "README); launch without a DeepSpeed or FSDP accelerate config")
+    if accelerator.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED"):
+        sys.exit(f"error: {accelerator.distributed_type.name} is not supported (data parallel or DeepSpeed ZeRO only: "
+                 "see the README); launch with another accelerate config")
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else None
     args.world_size, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
         import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
@@ -302,6 +311,16 @@ def main(args: Args) -> None:
             sys.exit(f"error: --{flag.replace('_', '-')} is required for --model {args.model}")
     args.tokenizer_path = args.tokenizer_path or args.sft_model_path
     check_args(args)
+    if zero_stage is not None:
+        # Under DeepSpeed ZeRO the flags, not the accelerate config, set the sizes, the clipping and the precision;
+        # the config sets the stage and any offloading. bf16 then means bf16 weights with fp32 master weights in
+        # the optimizer (DeepSpeed's mixed precision), and the frozen models are held the same way (below).
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config.update(train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
+                         gradient_accumulation_steps=args.gradient_accumulation_steps,
+                         train_batch_size=args.mini_batch_size, gradient_clipping=args.max_grad_norm,
+                         bf16={"enabled": args.dtype == "bf16"}, fp16={"enabled": args.dtype == "fp16"})
+        ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # a loadable save
     run_name = broadcast_object_list([f"{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"])[0]
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
@@ -354,19 +373,30 @@ def main(args: Args) -> None:
                 width = max(map(len, batch))
                 yield torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
 
+    def frozen(model):
+        """The reference and reward models: never trained, no gradients. Under DeepSpeed they become inference
+        engines, held like the policy: in its precision and, under ZeRO-3, sharded over the processes."""
+        model.requires_grad_(False)
+        if zero_stage is None:
+            return model.to(device).eval()
+        import deepspeed
+
+        config = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size, "bf16": ds_config["bf16"],
+                  "fp16": ds_config["fp16"], "zero_optimization": {"stage": 3 if zero_stage == 3 else 0}}
+        return deepspeed.initialize(model=model, config=config)[0].module.eval()
+
     # Models: the policy keeps fp32 weights and autocast does the low-precision compute. The reference policy
     # is held exactly like it, so that the KL is exactly 0 before the first update in every dtype; the reward
     # model is stored in the compute dtype. Every model stays in eval mode: dropout off, as Huang et al.
-    # require, and nothing else in these models depends on the mode.
+    # require, and nothing else in these models depends on the mode. (Under ZeRO-3, from_pretrained loads each
+    # model already sharded over the processes.)
     policy = load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
-                          args.sft_model_path, "SFT policy", "--sft-model-path").to(device).eval()
-    ref_policy = load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
-                              args.sft_model_path, "SFT policy", "--sft-model-path").to(device).eval()
-    reward_model = load_or_exit(
+                          args.sft_model_path, "SFT policy", "--sft-model-path").eval()
+    ref_policy = frozen(load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
+                                     args.sft_model_path, "SFT policy", "--sft-model-path"))
+    reward_model = frozen(load_or_exit(
         lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1),
-        args.reward_model_path, "reward model", "--reward-model-path").to(device).eval()
-    for model in (ref_policy, reward_model):
-        model.requires_grad_(False)
+        args.reward_model_path, "reward model", "--reward-model-path"))
     if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
         sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the policy's embeddings; "
                  "use a tokenizer that matches --sft-model-path")
@@ -381,15 +411,37 @@ def main(args: Args) -> None:
     models = (policy, ref_policy, reward_model)  # RLOO holds three models: no value model
     parameters = list(policy.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0)
-    held, trained = sum(p.numel() for m in models for p in m.parameters()), sum(p.numel() for p in parameters)
+    count = lambda params: sum(getattr(p, "ds_numel", p.numel()) for p in params)  # noqa: E731 (ZeRO-3: full sizes)
+    held, trained = count(p for m in models for p in m.parameters()), count(parameters)
     accelerator.print(f"{len(models)} models hold {held / 1e6:.2f}M parameters; {trained / 1e6:.2f}M are trained "
                       "(AdamW keeps 2 fp32 values for each)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0 - update / args.num_updates)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16 gradients underflow without it
-    # Data parallel: the policy's gradients are averaged over processes at every optimizer step (DDP); on one
-    # process prepare() changes nothing. Generation and no-grad forwards use the unwrapped model.
+    # fp16 gradients underflow without loss scaling (DeepSpeed scales its own)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16" and zero_stage is None)
+    # Data parallel: the policy's gradients are averaged over processes at every optimizer step (DDP, or DeepSpeed,
+    # whose engine then also clips and steps inside backward); on one process prepare() only moves the policy to
+    # the device. Generation and no-grad forwards use the unwrapped model.
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped_policy = accelerator.unwrap_model(policy)
+
+    @contextlib.contextmanager
+    def whole_policy():
+        """Under ZeRO-3 each process holds a shard of every weight, and each layer gathers its own in its forward.
+        Generation runs the model once per token, so the rollout gathers the whole policy once instead, with the
+        per-layer hooks off meanwhile (TRL does the same). Elsewhere there is nothing to gather."""
+        if zero_stage != 3:
+            yield
+            return
+        import deepspeed
+
+        hooks = policy.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(unwrapped_policy.parameters())):
+            hooks._remove_module_hooks()
+            try:
+                yield
+            finally:
+                hooks.forward_hooks.clear(), hooks.backward_hooks.clear()
+                hooks.setup_zero_stage3_hooks()
 
     metrics_file = None
     if is_main:  # only the main process logs and saves
@@ -415,7 +467,7 @@ def main(args: Args) -> None:
         queries = next(batches).repeat(args.rloo_k, 1).to(device)  # (k * B, Tq)
         context_length = queries.shape[1]
         responses, response_masks, logprobs, ref_logprobs, scores = [], [], [], [], []
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(), whole_policy():
             for i in range(0, len(queries), args.local_rollout_forward_batch_size):
                 query = queries[i : i + args.local_rollout_forward_batch_size]
                 output = unwrapped_policy.generate(input_ids=query, attention_mask=query != pad_id)
@@ -485,6 +537,10 @@ def main(args: Args) -> None:
                         old_logprobs = new_logprobs.detach()
                     new_seq, old_seq = new_logprobs.sum(1), old_logprobs.sum(1)
                     loss, clipfrac = ppo_clip_loss(new_seq, old_seq, advantages[idx], args.cliprange)
+                    # Checked before backward, inside which DeepSpeed steps (fp16's loss scaling skips such steps)
+                    if args.dtype != "fp16" and not torch.isfinite(loss):
+                        stop_non_finite(update, next((name for name, value in (("score", scores), ("KL", kl))
+                                                      if not torch.isfinite(value).all()), "loss"))
                     accelerator.backward(scaler.scale(loss))  # divides by gradient_accumulation_steps
                     with torch.no_grad():
                         log_ratio = new_seq - old_seq
@@ -497,12 +553,9 @@ def main(args: Args) -> None:
                             diag_old.append(old_logprobs)
                             diag_mask.append(response_mask[idx])
                 scaler.unscale_(optimizer)
-                grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)  # the same on every process
-                if args.dtype != "fp16" and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
-                    culprit = next((name for name, value in (("score", scores), ("KL", kl), ("loss", loss))
-                                    if not torch.isfinite(value).all()), "gradient")
-                    sys.exit(f"error: update {update}: non-finite {culprit}; stopped before the optimizer step, "
-                             "so the weights stay finite and nothing was saved")
+                grad_norm = float(accelerator.clip_grad_norm_(parameters, args.max_grad_norm))  # same on every process
+                if args.dtype != "fp16" and not math.isfinite(grad_norm):
+                    stop_non_finite(update, "gradient", stepped=zero_stage is not None)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)

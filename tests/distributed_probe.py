@@ -1,7 +1,8 @@
 """Runs rloo.py or ppo.py (as `torchrun ... distributed_probe.py SCRIPT RECORD_DIR FLAGS...`) and records, for each
 process, what a data-parallel run must agree on; used by tests/test_distributed.py.
 
-- After every optimizer step: the gradient norm before clipping and a checksum of the parameters.
+- After every optimizer step: the gradient norm before clipping and a checksum of the parameters (under DeepSpeed
+  ZeRO, of the whole parameters gathered from the shards).
 - Every prompt the process generated from, in order.
 - Sampling is made a function of (prompt, how many times this prompt was sampled before), not of the batch it is
   in: each completion is sampled alone, from its own seed. A run over 2 processes with B completions each then
@@ -64,8 +65,33 @@ def step_and_record(self, *args, **kwargs):
 
 
 GenerationMixin.generate = generate_each_alone
-torch.nn.utils.clip_grad_norm_ = clip_and_record
-torch.optim.AdamW.step = step_and_record
+if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # launched with benchmark/zero{2,3}.yaml
+    import accelerate
+    import deepspeed
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # accelerate counts a DeepSpeed launch without GPUs as one process unless it is told the backend; on GPUs the
+    # scripts need nothing of this.
+    original_init = accelerate.Accelerator.__init__
+
+    def init_on_cpu(self, *args, **kwargs):
+        original_init(self, *args, **{**kwargs, "cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]})
+
+    accelerate.Accelerator.__init__ = init_on_cpu
+    # DeepSpeed clips and steps inside its engine, on each process's shard: record the whole weights after each step.
+    original_engine_step = deepspeed.DeepSpeedEngine.step
+
+    def engine_step_and_record(self, *args, **kwargs):
+        result = original_engine_step(self, *args, **kwargs)
+        records["grad_norms"].append(float(self.get_global_grad_norm()))
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+            records["checksums"].append(sum(p.detach().double().sum().item() for p in self.module.parameters()))
+        return result
+
+    deepspeed.DeepSpeedEngine.step = engine_step_and_record
+else:
+    torch.nn.utils.clip_grad_norm_ = clip_and_record
+    torch.optim.AdamW.step = step_and_record
 
 module = __import__(script)
 module.main(module.parse_args(flags))

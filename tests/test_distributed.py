@@ -5,22 +5,34 @@ update as 1 process with 2B (tests/distributed_probe.py makes sampling independe
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections import Counter
 
 import pytest
+import torch
 from conftest import ROOT, read_metrics
 from transformers import AutoModelForCausalLM
 
 PROBE = os.path.join(ROOT, "tests", "distributed_probe.py")
 
 
-def run(script, tmp_path, name, processes, *flags):
-    """The probe on `processes` processes (plain python for 1, as a user runs it); returns (metrics, records)."""
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run(script, tmp_path, name, processes, *flags, zero_config=None):
+    """The probe on `processes` processes (plain python for 1, as a user runs it; `accelerate launch` with one of
+    the repository's DeepSpeed configs if given); returns (metrics, records)."""
     output_dir, record_dir = tmp_path / name, tmp_path / f"{name}_records"
     launcher = [sys.executable]
-    if processes > 1:  # --standalone: a rendezvous on localhost, on a port of its own choosing
+    if zero_config:
+        launcher += ["-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "benchmark", zero_config),
+                     "--num_processes", str(processes), "--main_process_port", free_port()]
+    elif processes > 1:  # --standalone: a rendezvous on localhost, on a port of its own choosing
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     log = tmp_path / f"{name}.log"
     with open(log, "w") as out:
@@ -74,3 +86,54 @@ def test_two_processes_compute_the_update_of_one_process_with_twice_the_batch(tm
     if script == "rloo":  # the k = 2 completions of a prompt are on one process: its leave-one-out group is local
         assert set(Counter(rank0["prompts"][:per_process]).values()) == {2}
     AutoModelForCausalLM.from_pretrained(tmp_path / "two")  # saved once, loadable
+
+
+TWO_PROCESS_FLAGS = ["--total-episodes", "64", "--gradient-accumulation-steps", "2", "--local-rollout-forward-batch-size",
+                     "8", "--per-device-train-batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def data_parallel_runs(tmp_path_factory):
+    """The plain data-parallel (DDP) run of each script on 2 processes, the reference for the DeepSpeed runs."""
+    runs = {}
+
+    def get(script):
+        if script not in runs:
+            flags = [*TWO_PROCESS_FLAGS, *(["--rloo-k", "2"] if script == "rloo" else [])]
+            directory = tmp_path_factory.mktemp(script)
+            runs[script] = (*run(script, directory, "ddp", 2, *flags), flags, directory / "ddp")
+        return runs[script]
+
+    return get
+
+
+@pytest.mark.parametrize("script,zero_config", [("rloo", "zero2.yaml"), ("rloo", "zero3.yaml"), ("ppo", "zero2.yaml"),
+                                                ("ppo", "zero3.yaml")])
+def test_deepspeed_zero_computes_the_data_parallel_update(tmp_path, data_parallel_runs, script, zero_config):
+    """`accelerate launch --config_file benchmark/zero{2,3}.yaml` on 2 CPU processes: sharded weights (ZeRO-3),
+    gradients and optimizer states, the policy gathered for generation, the frozen models as DeepSpeed engines and
+    the save gathered from the shards must together compute what plain data parallelism computes."""
+    pytest.importorskip("deepspeed")
+    ddp_metrics, (ddp0, _), flags, ddp_dir = data_parallel_runs(script)
+    zero_metrics, (rank0, rank1) = run(script, tmp_path, "zero", 2, *flags, zero_config=zero_config)
+
+    assert [m["episode"] for m in zero_metrics] == [32, 64]
+    # Both processes hold the same whole weights after every optimizer step (gathered from their shards).
+    assert len(rank0["checksums"]) == len(ddp0["checksums"]) > 0 and rank0["checksums"] == rank1["checksums"]
+    assert rank0["checksums"] == pytest.approx(ddp0["checksums"], rel=1e-6)
+    assert rank0["grad_norms"] == pytest.approx(ddp0["grad_norms"], rel=1e-4)
+    # The same samples (update 1, from the SFT weights, exactly), then the same update and the same next rollout.
+    assert zero_metrics[0]["objective/kl"] == 0.0 and zero_metrics[0]["diag/ratio_token_max"] == 1.0
+    for name in ["objective/scores", "objective/rlhf_reward", "objective/kl", "objective/entropy", "loss/policy_avg",
+                 "policy/clipfrac_avg", "val/num_eos_tokens", "lr"]:
+        for ddp, zero in zip(ddp_metrics, zero_metrics):
+            assert zero[name] == pytest.approx(ddp[name], rel=1e-4, abs=1e-5), (name, zero["update"])
+    assert rank0["prompts"] == ddp0["prompts"]
+    # The saved policy (under ZeRO-3, gathered from the shards) loads and moved from the SFT weights as the
+    # data-parallel one did. Not bitwise: the gradients are averaged in another order, and Adam scales the rounding
+    # noise of weights whose gradient is exactly 0 (attention's key biases) up to a step of lr.
+    sft = json.load(open(ddp_dir / "args.json"))["sft_model_path"]
+    weights = [torch.cat([w.flatten() for w in AutoModelForCausalLM.from_pretrained(path).state_dict().values()])
+               for path in (tmp_path / "zero", ddp_dir, sft)]
+    zero_weights, ddp_weights, sft_weights = weights
+    assert (zero_weights - ddp_weights).norm() < 1e-2 * (ddp_weights - sft_weights).norm()

@@ -22,7 +22,7 @@ def test_a_non_finite_score_stops_the_run_before_the_weights_are_touched(monkeyp
 
     monkeypatch.setattr(module, "reward_scores", nan_from_the_second_update)
     output_dir = tmp_path / "run"
-    with pytest.raises(SystemExit, match="error: update 2: non-finite score; stopped before the optimizer step"):
+    with pytest.raises(SystemExit, match="error: update 2: non-finite score; stopped before the optimizer step.*nothing was saved"):
         module.main(module.parse_args(["--total-episodes", "192", "--output-dir", str(output_dir)]))
     assert [m["update"] for m in read_metrics(output_dir)] == [1]  # update 1 was logged, update 2 never was
     assert not os.path.exists(output_dir / "model.safetensors")  # no policy with NaN weights is saved

@@ -21,6 +21,8 @@ import math
 import os
 import random
 import resource
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +48,18 @@ class Args:
     seed: int = 1
     """seed of the run: model sampling, data order and minibatch order all follow from it"""
     output_dir: str = ""
-    """where metrics.jsonl and the final policy go (default: runs/{exp_name}__{model}__{seed}__{unix time})"""
+    """where metrics.jsonl, checkpoints/ and the final policy go (default: runs/{exp_name}__{model}__{seed}__{time})"""
+    save_every: int = 100
+    """save a checkpoint (weights, optimizer, scheduler, every process's RNG states) every this many updates; one is
+    also saved at the end and when SIGINT or SIGTERM stops the run"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep"""
+    resume: bool = False
+    """continue the run in --output-dir from its newest checkpoint, with the same flags (a fresh start if it has none)"""
+    overwrite: bool = False
+    """replace the run in --output-dir (without it or --resume, a directory holding a run is never touched)"""
+    debug: bool = False
+    """show the traceback of an unexpected error instead of its one-line message"""
     track: bool = False
     """log to Weights & Biases (WANDB_MODE=offline works without an account)"""
     wandb_project_name: str = "rlhf-reference"
@@ -209,6 +222,9 @@ def check_args(args: Args) -> None:
         (args.num_updates < 1, f"--total-episodes {args.total_episodes} is less than one update "
          f"of {args.batch_size} completions"),
         (min(args.cliprange, args.cliprange_value) <= 0, "--cliprange and --cliprange-value must be > 0"),
+        (args.save_every < 1 or args.keep_checkpoints < 1, "--save-every and --keep-checkpoints must be >= 1"),
+        (args.resume and args.overwrite, "--resume and --overwrite contradict each other; pass one"),
+        (args.resume and not args.output_dir, "--resume needs --output-dir: the directory of the run to continue"),
     ]
     for failed, message in problems:
         if failed:
@@ -326,16 +342,38 @@ def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
     return stats
 
 
+def saved_checkpoints(output_dir):
+    """The checkpoints in output_dir/checkpoints, oldest first. A checkpoint only gets its update_N name once it is
+    complete (it is renamed into place), so a crash while writing one leaves the previous one the newest."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in sorted(names) if n.startswith("update_") and n[7:].isdigit()]
+
+
+# Settings that change how a run is run (where it logs, how often it saves), not what it computes: a resumed run may
+# change them. Every other setting must be the same as the interrupted run's.
+RUN_ONLY_SETTINGS = {"exp_name", "output_dir", "track", "wandb_project_name", "wandb_entity", "save_every",
+                     "keep_checkpoints", "resume", "overwrite", "debug", "num_sample_generations"}
+
+
 def stop_non_finite(update, quantity, stepped=False):
     state = "after DeepSpeed's step" if stepped else "stopped before the optimizer step, so the weights stay finite"
     sys.exit(f"error: update {update}: non-finite {quantity}; {state}; nothing was saved")
 
 
 def load_or_exit(load, path, what, flag):
+    """load(path), or a one-line error naming the flag to fix. Given (model, loading info), every weight must have
+    come from the checkpoint: a causal LM passed as a reward model would otherwise get a random head, silently."""
     try:
-        return load(path)
-    except (OSError, ValueError) as error:
+        model = load(path)
+    except (OSError, ValueError, RuntimeError) as error:
         sys.exit(f"error: cannot load the {what} from {path!r} ({str(error).splitlines()[0]}); check {flag}")
+    if isinstance(model, tuple):
+        model, loading = model
+        if loading["missing_keys"]:
+            sys.exit(f"error: the {what} at {path!r} has no trained {', '.join(sorted(loading['missing_keys'])[:3])} "
+                     f"(is it a sequence-classification model with one label?); check {flag}")
+    return model
 
 
 def main(args: Args) -> None:
@@ -374,10 +412,26 @@ def main(args: Args) -> None:
                          train_batch_size=args.mini_batch_size, gradient_clipping=args.max_grad_norm,
                          bf16={"enabled": args.dtype == "bf16"}, fp16={"enabled": args.dtype == "fp16"})
         ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # a loadable save
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()  # ZeRO-3's from_pretrained reads this config
     run_name = broadcast_object_list([f"{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"])[0]
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        sys.exit(f"error: --output-dir {args.output_dir!r} exists and is not empty; choose another directory")
+    # An existing run is continued (--resume), replaced (--overwrite) or left alone, and checked before anything loads.
+    checkpoint = (saved_checkpoints(args.output_dir) or [None])[-1] if args.resume else None
+    saved_args_path = os.path.join(args.output_dir, "args.json")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.resume:
+        if not args.overwrite:
+            sys.exit(f"error: --output-dir {args.output_dir!r} is not empty; pass --resume to continue the run in it, "
+                     "--overwrite to replace it, or choose another directory")
+        if not os.path.exists(saved_args_path):
+            sys.exit(f"error: --output-dir {args.output_dir!r} holds no run of this script (no args.json), so "
+                     "--overwrite leaves it alone; choose another directory")
+    if args.resume and os.path.exists(saved_args_path):
+        with open(saved_args_path) as f:
+            saved = json.load(f)
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in dataclasses.asdict(args).items()
+                   if k not in RUN_ONLY_SETTINGS and saved.get(k) != v]
+        if changed:
+            sys.exit(f"error: --resume needs the interrupted run's settings (its args.json), but {', '.join(changed)}")
     accelerator.wait_for_everyone()  # every process has checked before the main one writes anything
 
     # Seeding: sampling and minibatch order use the global generators, seeded per process so that processes
@@ -416,11 +470,15 @@ def main(args: Args) -> None:
         sys.exit(f"error: only {len(prompts)} prompts fit --max-prompt-length {args.max_prompt_length}; "
                  f"an update needs {prompts_per_update}")
 
-    def prompt_batches():
-        """Endless prompt batches, reshuffled every epoch over the dataset; this process's slice of each."""
+    def prompt_batches(skip):
+        """Endless prompt batches, reshuffled every epoch over the dataset; this process's slice of each. The first
+        `skip` are drawn and dropped: a resumed run replays the order from the seed up to where it stopped."""
         while True:
             order = torch.randperm(len(prompts), generator=data_generator).tolist()
             for start in range(0, len(order) - prompts_per_update + 1, prompts_per_update):
+                if skip:
+                    skip -= 1
+                    continue
                 batch = [prompts[i] for i in order[start : start + prompts_per_update]]
                 batch = batch[rank * local_prompts : (rank + 1) * local_prompts]
                 width = max(map(len, batch))
@@ -435,7 +493,8 @@ def main(args: Args) -> None:
         import deepspeed
 
         config = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size, "bf16": ds_config["bf16"],
-                  "fp16": ds_config["fp16"], "zero_optimization": {"stage": 3 if zero_stage == 3 else 0}}
+                  "fp16": ds_config["fp16"],
+                  "zero_optimization": ds_config["zero_optimization"] if zero_stage == 3 else {"stage": 0}}
         return deepspeed.initialize(model=model, config=config)[0].module.eval()
 
     # Models: the policy and the value model keep fp32 weights and autocast does the low-precision compute. The
@@ -448,10 +507,12 @@ def main(args: Args) -> None:
     ref_policy = frozen(load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
                                      args.sft_model_path, "SFT policy", "--sft-model-path"))
     reward_model = frozen(load_or_exit(
-        lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1),
+        lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1,
+                                                                     output_loading_info=True),
         args.reward_model_path, "reward model", "--reward-model-path"))
     value_model = load_or_exit(
-        lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32, num_labels=1),
+        lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32, num_labels=1,
+                                                                     output_loading_info=True),
         args.value_model_path, "value model", "--value-model-path").eval()
     value_model.config.pad_token_id = pad_id  # its forward pools at the last non-pad token (unused here, but needed)
     if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
@@ -475,26 +536,27 @@ def main(args: Args) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0 - update / args.num_updates)
     # fp16 gradients underflow without loss scaling (DeepSpeed scales its own)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16" and zero_stage is None)
+    accelerator.register_for_checkpointing(scheduler, scaler)  # saved and restored with the models and the optimizer
     # Data parallel: the policy's and value model's gradients are averaged over processes at every optimizer step
     # (DDP, or DeepSpeed, whose engine then also clips and steps inside backward); on one process prepare() only
     # moves them to the device. The two are prepared as one module, as one engine serves one model. Generation
     # and no-grad forwards use the unwrapped models.
     policy_and_value, optimizer = accelerator.prepare(PolicyAndValue(policy, value_model), optimizer)
-    unwrapped_policy = accelerator.unwrap_model(policy_and_value).policy
-    unwrapped_value_model = accelerator.unwrap_model(policy_and_value).value_model
+    unwrapped_policy_and_value = accelerator.unwrap_model(policy_and_value)
+    unwrapped_policy, unwrapped_value_model = unwrapped_policy_and_value.policy, unwrapped_policy_and_value.value_model
 
     @contextlib.contextmanager
-    def whole_weights():
+    def whole_policy():
         """Under ZeRO-3 each process holds a shard of every weight, and each layer gathers its own in its forward.
-        Generation runs the model once per token, so the rollout gathers the whole policy and value model once
-        instead, with the per-layer hooks off meanwhile (TRL does the same). Elsewhere there is nothing to gather."""
+        Generation runs the model once per token, so it gathers the whole policy once instead, with the per-layer
+        hooks off meanwhile (TRL does the same). Elsewhere there is nothing to gather."""
         if zero_stage != 3:
             yield
             return
         import deepspeed
 
         hooks = policy_and_value.optimizer.parameter_offload
-        with deepspeed.zero.GatheredParameters(list(policy_and_value.module.parameters())):
+        with deepspeed.zero.GatheredParameters(list(unwrapped_policy.parameters())):
             hooks._remove_module_hooks()
             try:
                 yield
@@ -502,33 +564,98 @@ def main(args: Args) -> None:
                 hooks.forward_hooks.clear(), hooks.backward_hooks.clear()
                 hooks.setup_zero_stage3_hooks()
 
+    # Resume: weights, optimizer, scheduler, scaler and every process's RNG states come back from the checkpoint, and
+    # the prompt order is replayed from the seed, so the run goes on as if it had never stopped.
+    first_update = 1
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            first_update = json.load(f)["update"] + 1
+        accelerator.print(f"resuming {args.output_dir} after update {first_update - 1} ({checkpoint})")
+    elif args.resume:
+        accelerator.print(f"no checkpoint in {args.output_dir}: starting the run from the beginning")
+
+    def save_checkpoint(update):
+        """Every process writes its part into update_N.partial, renamed to update_N once complete; then the oldest
+        beyond --keep-checkpoints go."""
+        path = os.path.join(args.output_dir, "checkpoints", f"update_{update:07d}")
+        if is_main:
+            shutil.rmtree(path + ".partial", ignore_errors=True)  # left by a crash while saving
+        accelerator.wait_for_everyone()
+        accelerator.save_state(path + ".partial")
+        accelerator.wait_for_everyone()
+        if is_main:
+            with open(os.path.join(path + ".partial", "trainer_state.json"), "w") as f:
+                json.dump({"update": update, "episode": update * args.batch_size}, f)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(path + ".partial", path)
+            for old in saved_checkpoints(args.output_dir)[: -args.keep_checkpoints]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
     metrics_file = None
     if is_main:  # only the main process logs and saves
+        if args.overwrite:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        with open(saved_args_path, "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
-        metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+        # A resumed run drops the lines logged after its checkpoint: those updates are done again.
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["update"] < first_update]
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(metrics_path + ".tmp", metrics_path)
+        metrics_file = open(metrics_path, "a")
     if args.track and is_main:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
-                   config=dataclasses.asdict(args), dir=args.output_dir)
+        # A resumed run logs to the same wandb run; an unreachable wandb falls back to offline logging.
+        id_path = os.path.join(args.output_dir, "wandb_id")
+        run_id = open(id_path).read() if os.path.exists(id_path) else None
+        wandb_kwargs = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=run_id,
+                            resume="allow", config=dataclasses.asdict(args), dir=args.output_dir)
+        try:
+            wandb.init(**wandb_kwargs)
+        except Exception as error:  # noqa: BLE001 (wandb raises many kinds; none of them should stop training)
+            print(f"wandb unreachable ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+                  f"logging offline to {args.output_dir}/wandb (`wandb sync` uploads it later)")
+            wandb.init(**wandb_kwargs, mode="offline")
+        with open(id_path, "w") as f:
+            f.write(wandb.run.id)
+
+    # SIGINT (Ctrl-C) and SIGTERM (preemption) finish the update under way, save a checkpoint and exit; a second
+    # SIGINT exits at once. All processes stop after the same update (check_trigger below).
+    received = []
+
+    def stop_after_this_update(signum, frame):
+        if received and signum == signal.SIGINT:
+            sys.exit("error: interrupted again; stopped at once, without saving (the newest checkpoint is intact)")
+        received.append(signum)
+        accelerator.print(f"{signal.Signals(signum).name}: finishing this update, then saving a checkpoint (Ctrl-C "
+                          "again: stop now)")
+
+    signal.signal(signal.SIGINT, stop_after_this_update)
+    signal.signal(signal.SIGTERM, stop_after_this_update)
     sample_every = max(1, args.num_updates // max(1, args.num_sample_generations))
     accelerator.print(f"{args.num_updates} updates of {args.batch_size} completions (one per prompt) on "
                       f"{args.world_size} x {device.type}, {args.dtype}; output in {args.output_dir}")
 
-    batches = prompt_batches()
+    batches = prompt_batches(skip=first_update - 1)
     start_time = time.time()
-    for update in range(1, args.num_updates + 1):
+    for update in range(first_update, args.num_updates + 1):
         update_start = time.time()
         # 1. Rollout: one completion per prompt, with the value of every state along it.
         queries = next(batches).to(device)  # (B, Tq)
         context_length = queries.shape[1]
         responses, response_masks, logprobs, ref_logprobs, scores, values = [], [], [], [], [], []
-        with torch.no_grad(), autocast(), whole_weights():
+        with torch.no_grad(), autocast():
             for i in range(0, len(queries), args.local_rollout_forward_batch_size):
                 query = queries[i : i + args.local_rollout_forward_batch_size]
-                output = unwrapped_policy.generate(input_ids=query, attention_mask=query != pad_id)
+                with whole_policy():
+                    output = unwrapped_policy.generate(input_ids=query, attention_mask=query != pad_id)
                 response = output.sequences[:, context_length:]
                 response = F.pad(response, (0, args.response_length - response.shape[1]), value=pad_id)  # (b, R)
                 # Everything after the first stop token is padding; generate() pads rows that stopped early.
@@ -541,14 +668,14 @@ def main(args: Args) -> None:
                 # The mask is built from the stop token, not from pad ids, so a sampled pad token still counts.
                 attention_mask = torch.cat([query != pad_id, ~after_stop], 1)
                 query_response = torch.cat([query, response], 1)
+                # The training pass's own forward gives the sampling policy's logprobs and the values (under
+                # ZeRO-3 it gathers each layer in turn); the `generate` source then swaps in generate()'s logprobs.
+                logprob, value = unwrapped_policy_and_value(query_response, attention_mask, context_length, temperature)
                 if args.old_logprobs == "generate":
                     logits = torch.stack(output.logits, 1)  # (b, generated, V): one chunk at a time, never the batch
                     logprob = logprobs_from_logits(logits, response[:, : logits.shape[1]], temperature)
                     logprob = F.pad(logprob, (0, args.response_length - logprob.shape[1]))
                     del logits, output
-                else:
-                    logprob = response_logprobs(unwrapped_policy, query_response, attention_mask, context_length,
-                                                temperature)
                 ref_logprob = response_logprobs(ref_policy, query_response, attention_mask, context_length, temperature)
                 last_index = context_length + (~after_stop).sum(1) - 1
                 responses.append(response)
@@ -556,7 +683,6 @@ def main(args: Args) -> None:
                 logprobs.append(logprob.masked_fill(after_stop, 0.0))
                 ref_logprobs.append(ref_logprob.masked_fill(after_stop, 0.0))
                 scores.append(reward_scores(reward_model, query_response, attention_mask, last_index))
-                value = response_values(unwrapped_value_model, query_response, attention_mask, context_length)
                 values.append(value.masked_fill(after_stop, 0.0))
         responses, response_mask, logprobs, ref_logprobs, scores, values = map(
             torch.cat, (responses, response_masks, logprobs, ref_logprobs, scores, values))  # (B, R), scores (B,)
@@ -670,32 +796,43 @@ def main(args: Args) -> None:
                                 args.cliprange),
             "lr": scheduler.get_last_lr()[0],
             "episode": update * args.batch_size,
-            "eps": update * args.batch_size / (time.time() - start_time),
+            "eps": (update - first_update + 1) * args.batch_size / (time.time() - start_time),
             "time/rollout": generation_time,
             "time/training": train_time,
             "time/update": time.time() - update_start,
             "memory/peak_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda"
                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         }
-        if not is_main:
-            continue
-        metrics_file.write(json.dumps({"update": update, **metrics}) + "\n")
-        metrics_file.flush()
-        print(f"update {update}/{args.num_updates}  episode {metrics['episode']}  "
-              f"scores {metrics['objective/scores']:+.3f}  rlhf_reward {metrics['objective/rlhf_reward']:+.3f}  "
-              f"kl {metrics['objective/kl']:.3f}  clipfrac {metrics['policy/clipfrac_avg']:.3f}  "
-              f"{metrics['time/update']:.2f}s", flush=True)
-        samples = None
-        if update == 1 or update % sample_every == 0 or update == args.num_updates:
-            samples = [(tokenizer.decode(queries[i], skip_special_tokens=True)[-60:],
-                        tokenizer.decode(responses[i][response_mask[i]]), round(scores[i].item(), 3))
-                       for i in range(min(4, len(responses)))]
-            for query_text, response_text, score in samples:
-                print(f"    {score:+7.3f} | ...{query_text!r} -> {response_text!r}")
-        if args.track:
-            if samples:
-                metrics["samples"] = wandb.Table(columns=["query", "response", "score"], data=samples)
-            wandb.log(metrics, step=update)
+        if is_main:
+            metrics_file.write(json.dumps({"update": update, **metrics}) + "\n")
+            metrics_file.flush()
+            print(f"update {update}/{args.num_updates}  episode {metrics['episode']}  "
+                  f"scores {metrics['objective/scores']:+.3f}  rlhf_reward {metrics['objective/rlhf_reward']:+.3f}  "
+                  f"kl {metrics['objective/kl']:.3f}  clipfrac {metrics['policy/clipfrac_avg']:.3f}  "
+                  f"{metrics['time/update']:.2f}s", flush=True)
+            samples = None
+            if update == 1 or update % sample_every == 0 or update == args.num_updates:
+                samples = [(tokenizer.decode(queries[i], skip_special_tokens=True)[-60:],
+                            tokenizer.decode(responses[i][response_mask[i]]), round(scores[i].item(), 3))
+                           for i in range(min(4, len(responses)))]
+                for query_text, response_text, score in samples:
+                    print(f"    {score:+7.3f} | ...{query_text!r} -> {response_text!r}")
+            if args.track:
+                if samples:
+                    metrics["samples"] = wandb.Table(columns=["query", "response", "score"], data=samples)
+                wandb.log(metrics, step=update)
+
+        # 5. Checkpoint: every --save-every updates, at the end, and after a stop signal reached any process (then
+        #    all processes stop after this same update).
+        if received:
+            accelerator.set_trigger()
+        stopping = accelerator.check_trigger()
+        if update % args.save_every == 0 or update == args.num_updates or stopping:
+            save_checkpoint(update)
+        if stopping:
+            accelerator.print(f"stopped by a signal after update {update}; saved a checkpoint; run the same command "
+                              "with --resume to continue")
+            sys.exit(128 + (received or [signal.SIGTERM])[0])  # the shell's code for death by that signal
 
     # Every process takes part in collecting the weights (a no-op without sharding); the main one writes them.
     unwrapped_policy.generation_config = sft_generation_config
@@ -714,4 +851,11 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    try:
+        main(args)
+    except Exception as error:  # the foreseen mistakes exit with their own message; anything else, one line too
+        if args.debug:
+            raise
+        sys.exit(f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+                 "(--debug shows the traceback)")

@@ -23,7 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 script, record_dir, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
 rank = int(os.environ.get("RANK", 0))
-records = {"grad_norms": [], "checksums": [], "prompts": []}
+records = {"grad_norms": [], "checksums": [], "prompts": [], "all_gathers": 0, "all_gathers_in_generate": 0}
+
+# Count the all-gathers (ZeRO-3 gathers sharded weights with them), before anything keeps a reference to the function.
+for name in ("all_gather_into_tensor", "all_gather"):
+    def counted(*args, _original=getattr(torch.distributed, name), **kwargs):
+        records["all_gathers"] += 1
+        return _original(*args, **kwargs)
+
+    setattr(torch.distributed, name, counted)
 
 original_generate = GenerationMixin.generate
 times_sampled = collections.Counter()
@@ -37,7 +45,9 @@ def generate_each_alone(self, input_ids, attention_mask, **kwargs):
         torch.manual_seed(hash((prompt, times_sampled[prompt])) % 2**31)  # a tuple of ints hashes the same everywhere
         times_sampled[prompt] += 1
         alone = torch.tensor([prompt])
+        before = records["all_gathers"]
         output = original_generate(self, input_ids=alone, attention_mask=torch.ones_like(alone), **kwargs)
+        records["all_gathers_in_generate"] += records["all_gathers"] - before
         new_tokens.append(output.sequences[0, len(prompt) :])
     width = max(len(tokens) for tokens in new_tokens)
     pad_id = self.generation_config.pad_token_id
@@ -76,6 +86,8 @@ if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # launched with benchm
 
     def init_on_cpu(self, *args, **kwargs):
         original_init(self, *args, **{**kwargs, "cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]})
+        # Shard even the tiny model's small tensors, which ZeRO-3 would otherwise keep whole on every process.
+        self.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
 
     accelerate.Accelerator.__init__ = init_on_cpu
     # DeepSpeed clips and steps inside its engine, on each process's shard: record the whole weights after each step.

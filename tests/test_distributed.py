@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import ROOT, read_metrics
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 PROBE = os.path.join(ROOT, "tests", "distributed_probe.py")
@@ -129,6 +130,8 @@ def test_deepspeed_zero_computes_the_data_parallel_update(tmp_path, data_paralle
         for ddp, zero in zip(ddp_metrics, zero_metrics):
             assert zero[name] == pytest.approx(ddp[name], rel=1e-4, abs=1e-5), (name, zero["update"])
     assert rank0["prompts"] == ddp0["prompts"]
+    if zero_config == "zero3.yaml":  # the sharded weights were gathered, but never token by token in generate()
+        assert rank0["all_gathers"] > 0 and rank0["all_gathers_in_generate"] == 0
     # The saved policy (under ZeRO-3, gathered from the shards) loads and moved from the SFT weights as the
     # data-parallel one did. Not bitwise: the gradients are averaged in another order, and Adam scales the rounding
     # noise of weights whose gradient is exactly 0 (attention's key biases) up to a step of lr.
@@ -137,3 +140,16 @@ def test_deepspeed_zero_computes_the_data_parallel_update(tmp_path, data_paralle
                for path in (tmp_path / "zero", ddp_dir, sft)]
     zero_weights, ddp_weights, sft_weights = weights
     assert (zero_weights - ddp_weights).norm() < 1e-2 * (ddp_weights - sft_weights).norm()
+
+
+@pytest.mark.parametrize("script", ["rloo", "ppo"])
+def test_deepspeed_zero3_holds_every_model_in_bf16_and_starts_at_kl_0(tmp_path, script):
+    """--dtype bf16 under ZeRO-3: bf16 weights (what the saved policy holds), the reference and reward models
+    held the same way, so the KL is exactly 0 and the first minibatch's ratio exactly 1."""
+    pytest.importorskip("deepspeed")
+    flags = [*TWO_PROCESS_FLAGS, "--dtype", "bf16", *(["--rloo-k", "2"] if script == "rloo" else [])]
+    metrics, (rank0, rank1) = run(script, tmp_path, "zero", 2, *flags, zero_config="zero3.yaml")
+    assert rank0["checksums"] == rank1["checksums"]
+    assert metrics[0]["objective/kl"] == 0.0 and metrics[0]["diag/ratio_token_min"] == 1.0
+    assert metrics[0]["diag/ratio_token_max"] == 1.0
+    assert {w.dtype for w in load_file(tmp_path / "zero" / "model.safetensors").values()} == {torch.bfloat16}

@@ -1,14 +1,175 @@
-"""Failures a long run must handle cleanly (issue #7): a non-finite reward stops the run with a clear message."""
+"""Failures a long run must survive or refuse cleanly (issue #7): kill -9, SIGTERM and Ctrl-C followed by a resume
+that matches the uninterrupted run bitwise, an existing output directory, changed settings on resume, a corrupt
+checkpoint, an unreachable wandb, and a non-finite reward."""
 
 import importlib
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
-from conftest import read_metrics
+import torch
+from conftest import ROOT, read_metrics, run_script
+from safetensors.torch import load_file
+
+# A few updates, with a checkpoint every second one.
+FLAGS = {"rloo": ["--total-episodes", str(64 * 6)], "ppo": ["--total-episodes", str(64 * 4)]}
+COMMON = ["--save-every", "2", "--num-sample-generations", "0"]
+
+
+def start(script, *flags):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}.py"), *flags], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def read_until(process, text):
+    """The process's output up to and including the first line holding `text` (all of it if none does)."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            break
+    return "".join(lines)
+
+
+def checkpoints(output_dir):
+    root = output_dir / "checkpoints"
+    return sorted(os.listdir(root)) if root.exists() else []
+
+
+def assert_same_run(reference, resumed):
+    """The same metrics for every update (the clocks aside) and bitwise the same final weights."""
+    timing = ("time/", "eps", "memory/")
+    strip = lambda rows: [{k: v for k, v in row.items() if not k.startswith(timing)} for row in rows]  # noqa: E731
+    assert strip(read_metrics(resumed)) == strip(read_metrics(reference))
+    for weights in ["model.safetensors", "value_model/model.safetensors"]:
+        if (reference / weights).exists():
+            expected, got = load_file(reference / weights), load_file(resumed / weights)
+            assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), weights
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    runs = {}
+
+    def get(script):
+        if script not in runs:
+            output_dir = tmp_path_factory.mktemp(script) / "uninterrupted"
+            result = run_script(f"{script}.py", *FLAGS[script], *COMMON, "--output-dir", str(output_dir))
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[script] = output_dir
+        return runs[script]
+
+    return get
 
 
 @pytest.mark.parametrize("script", ["rloo", "ppo"])
-def test_a_non_finite_score_stops_the_run_before_the_weights_are_touched(monkeypatch, tmp_path, script):
+def test_kill_9_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path, uninterrupted, script):
+    output_dir = tmp_path / "run"
+    process = start(script, *FLAGS[script], *COMMON, "--output-dir", str(output_dir))
+    read_until(process, "update 3/")
+    process.kill()  # SIGKILL: no handler runs, whatever the run was doing (maybe writing a checkpoint)
+    process.wait()
+    assert checkpoints(output_dir)[0] == "update_0000002"
+    assert len(read_metrics(output_dir)) >= 3  # logged past its newest checkpoint: those lines are redone
+    # As if a crash had cut a later checkpoint short: a .partial directory is never taken for a checkpoint.
+    (output_dir / "checkpoints" / "update_0000099.partial").mkdir()
+    (output_dir / "checkpoints" / "update_0000099.partial" / "model.safetensors").write_text("cut short")
+
+    result = run_script(f"{script}.py", *FLAGS[script], *COMMON, "--output-dir", str(output_dir), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout and "after update" in result.stdout
+    assert_same_run(uninterrupted(script), output_dir)
+
+
+@pytest.mark.parametrize("script", ["rloo", "ppo"])
+def test_sigterm_finishes_the_update_saves_and_exits_then_resume_matches(tmp_path, uninterrupted, script):
+    output_dir = tmp_path / "run"
+    process = start(script, *FLAGS[script], *COMMON, "--output-dir", str(output_dir), "--save-every", "100")
+    read_until(process, "update 1/")
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    stopped_after = len(read_metrics(output_dir))
+    assert f"stopped by a signal after update {stopped_after}; saved a checkpoint" in output
+    assert checkpoints(output_dir) == [f"update_{stopped_after:07d}"]  # --save-every 100 would not have saved one
+
+    result = run_script(f"{script}.py", *FLAGS[script], *COMMON, "--output-dir", str(output_dir), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(uninterrupted(script), output_dir)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+    output_dir = tmp_path / "run"
+    # 8 epochs per update, so that the update is still under way when the second Ctrl-C comes.
+    process = start("rloo", "--total-episodes", str(64 * 50), "--num-ppo-epochs", "8", "--output-dir", str(output_dir))
+    read_until(process, "update 2/")
+    process.send_signal(signal.SIGINT)
+    read_until(process, "SIGINT: finishing this update")
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 1 and "error: interrupted again; stopped at once" in output, output[-3000:]
+    assert "Traceback" not in output and checkpoints(output_dir) == []
+
+
+def test_an_existing_run_is_never_silently_replaced(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted("rloo"), run)
+    before = (run / "metrics.jsonl").read_text()
+    for flags, message in [
+        ([], "is not empty; pass --resume to continue the run in it, --overwrite to replace it"),
+        (["--resume", "--learning-rate", "1e-3"], "--resume needs the interrupted run's settings (its args.json), "
+                                                  "but --learning-rate 0.0001 -> 0.001"),
+        (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+    ]:
+        result = run_script("rloo.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), *flags)
+        assert result.returncode != 0 and message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+        assert (run / "metrics.jsonl").read_text() == before
+    not_a_run = tmp_path / "notes"
+    not_a_run.mkdir()
+    (not_a_run / "thesis.tex").write_text("precious")
+    result = run_script("rloo.py", "--output-dir", str(not_a_run), "--overwrite")
+    assert result.returncode != 0 and "holds no run of this script (no args.json)" in result.stderr
+    assert (not_a_run / "thesis.tex").read_text() == "precious"
+    result = run_script("rloo.py", "--resume")
+    assert result.returncode != 0 and "--resume needs --output-dir" in result.stderr
+
+    # Asked explicitly, --overwrite replaces the run; a finished run resumed has nothing left to do.
+    result = run_script("rloo.py", "--total-episodes", "64", *COMMON, "--output-dir", str(run), "--overwrite")
+    assert result.returncode == 0 and len(read_metrics(run)) == 1 and checkpoints(run) == ["update_0000001"]
+    result = run_script("rloo.py", "--total-episodes", "64", *COMMON, "--output-dir", str(run), "--resume")
+    assert result.returncode == 0 and "after update 1" in result.stdout and len(read_metrics(run)) == 1
+
+
+def test_a_corrupt_checkpoint_gets_one_line_and_debug_shows_the_traceback(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted("rloo"), run)
+    newest = run / "checkpoints" / checkpoints(run)[-1]
+    (newest / "optimizer.bin").write_bytes(b"not a pickle")
+    result = run_script("rloo.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "--debug" in result.stderr
+    result = run_script("rloo.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_an_unreachable_wandb_falls_back_to_offline(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env.update(WANDB_BASE_URL="http://127.0.0.1:9", WANDB_API_KEY="x" * 40, WANDB_INIT_TIMEOUT="3")
+    output_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "rloo.py"), "--total-episodes", "64", "--track",
+                             "--output-dir", str(output_dir)], cwd=ROOT, capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wandb unreachable" in result.stdout and "logging offline" in result.stdout
+    assert list((output_dir / "wandb").glob("offline-run-*")) and len(read_metrics(output_dir)) == 1
+
+
+@pytest.mark.parametrize("script", ["rloo", "ppo"])
+def test_a_non_finite_score_stops_the_run_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, script):
     module = importlib.import_module(script)
     exact = module.reward_scores
     calls = []
@@ -22,7 +183,11 @@ def test_a_non_finite_score_stops_the_run_before_the_weights_are_touched(monkeyp
 
     monkeypatch.setattr(module, "reward_scores", nan_from_the_second_update)
     output_dir = tmp_path / "run"
-    with pytest.raises(SystemExit, match="error: update 2: non-finite score; stopped before the optimizer step.*nothing was saved"):
-        module.main(module.parse_args(["--total-episodes", "192", "--output-dir", str(output_dir)]))
+    with pytest.raises(SystemExit, match="error: update 2: non-finite score; stopped before the optimizer step.*"
+                                         "nothing was saved"):
+        module.main(module.parse_args(["--total-episodes", "192", "--save-every", "1", "--output-dir",
+                                       str(output_dir)]))
     assert [m["update"] for m in read_metrics(output_dir)] == [1]  # update 1 was logged, update 2 never was
+    assert checkpoints(output_dir) == ["update_0000001"]  # the last good checkpoint stays
     assert not os.path.exists(output_dir / "model.safetensors")  # no policy with NaN weights is saved
+    assert json.load(open(output_dir / "checkpoints" / "update_0000001" / "trainer_state.json"))["update"] == 1

@@ -464,6 +464,9 @@ def main(args: Args) -> None:
                  "set --prompt-column")
     prompts = [ids for ids in tokenizer(list(dataset[args.prompt_column]), add_special_tokens=False)["input_ids"]
                if len(ids) <= args.max_prompt_length]
+    if len(prompts) < len(dataset):
+        accelerator.print(f"dropped {len(dataset) - len(prompts)} of {len(dataset)} prompts longer than "
+                          f"--max-prompt-length {args.max_prompt_length}")
     prompts_per_update = args.batch_size  # over all processes: each takes its own slice
     local_prompts = args.local_batch_size
     if len(prompts) < prompts_per_update:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -36,6 +38,17 @@ def pytest_configure(config):
 def read_metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def assert_same_run(reference, resumed):
+    """The same metrics for every update (the clocks aside) and bitwise the same final weights."""
+    timing = ("time/", "eps", "memory/")
+    strip = lambda rows: [{k: v for k, v in row.items() if not k.startswith(timing)} for row in rows]  # noqa: E731
+    assert strip(read_metrics(resumed)) == strip(read_metrics(reference))
+    for weights in ["model.safetensors", "value_model/model.safetensors"]:
+        if (reference / weights).exists():
+            expected, got = load_file(reference / weights), load_file(resumed / weights)
+            assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), weights
 
 
 def pythia_flags(paths, output_dir, *extra):

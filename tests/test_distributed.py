@@ -5,14 +5,16 @@ update as 1 process with 2B (tests/distributed_probe.py makes sampling independe
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics
+from conftest import ROOT, assert_same_run, read_metrics
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -25,9 +27,10 @@ def free_port():
         return str(s.getsockname()[1])
 
 
-def run(script, tmp_path, name, processes, *flags, zero_config=None):
+def run(script, tmp_path, name, processes, *flags, zero_config=None, preempt_after=None):
     """The probe on `processes` processes (plain python for 1, as a user runs it; `accelerate launch` with one of
-    the repository's DeepSpeed configs if given); returns (metrics, records)."""
+    the repository's DeepSpeed configs if given); returns (metrics, records). With `preempt_after`, the launcher gets
+    SIGTERM once that text is logged, as a cluster preempting the job does; returns the log."""
     output_dir, record_dir = tmp_path / name, tmp_path / f"{name}_records"
     launcher = [sys.executable]
     if zero_config:
@@ -40,12 +43,18 @@ def run(script, tmp_path, name, processes, *flags, zero_config=None):
         launched = subprocess.Popen([*launcher, PROBE, script, str(record_dir), *flags, "--output-dir", str(output_dir),
                                      "--num-sample-generations", "0"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        while preempt_after and preempt_after not in log.read_text() and launched.poll() is None:
+            time.sleep(0.05)
+        if preempt_after:
+            launched.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
         try:
             launched.wait(timeout=300)
         except subprocess.TimeoutExpired:
             launched.terminate()  # torchrun stops its workers (in sessions of their own) when it is terminated
             launched.wait(timeout=60)
             pytest.fail(f"{name} timed out:\n{log.read_text()[-3000:]}")
+    if preempt_after:
+        return log.read_text()
     assert launched.returncode == 0, log.read_text()[-3000:]
     records = [json.load(open(record_dir / f"rank{r}.json")) for r in range(processes)]
     for record in records:
@@ -153,3 +162,18 @@ def test_deepspeed_zero3_holds_every_model_in_bf16_and_starts_at_kl_0(tmp_path, 
     assert metrics[0]["objective/kl"] == 0.0 and metrics[0]["diag/ratio_token_min"] == 1.0
     assert metrics[0]["diag/ratio_token_max"] == 1.0
     assert {w.dtype for w in load_file(tmp_path / "zero" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_deepspeed_zero3_run_preempted_then_resumed_matches_the_uninterrupted_run(tmp_path):
+    """SIGTERM to the launcher of a 2-process ZeRO-3 run: every process finishes the update, they save one sharded
+    checkpoint together, and --resume (each process's shards and RNG states back) ends bitwise where an
+    uninterrupted run ends."""
+    pytest.importorskip("deepspeed")
+    flags = [*TWO_PROCESS_FLAGS, "--rloo-k", "2", "--total-episodes", "192", "--save-every", "100"]
+    run("rloo", tmp_path, "uninterrupted", 2, *flags, zero_config="zero3.yaml")
+    log = run("rloo", tmp_path, "preempted", 2, *flags, zero_config="zero3.yaml", preempt_after="update 2/")
+    stopped_after = len(read_metrics(tmp_path / "preempted"))
+    assert f"stopped by a signal after update {stopped_after}; saved a checkpoint" in log and stopped_after < 6, log
+    assert os.listdir(tmp_path / "preempted" / "checkpoints") == [f"update_{stopped_after:07d}"]
+    run("rloo", tmp_path, "preempted", 2, *flags, "--resume", zero_config="zero3.yaml")
+    assert_same_run(tmp_path / "uninterrupted", tmp_path / "preempted")

@@ -94,6 +94,15 @@ def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     assert not torch.equal(value_model.score.weight, reward_model.score.weight)  # the value model trained
 
 
+def test_a_value_model_without_a_trained_head_is_refused(pythia_like, tmp_path):
+    flags = pythia_flags(pythia_like, tmp_path / "run", "--total-episodes", "32", "--value-model-path",
+                         pythia_like["sft_model_path"])  # a causal LM: its score head would be random
+    result = run_script("ppo.py", *flags)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "value model" in result.stderr and "--value-model-path" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
 def test_tiny_preset_runs_end_to_end(tmp_path):
     output_dir = tmp_path / "run"
     result = run_script("ppo.py", "--output-dir", str(output_dir), "--total-episodes", "128")

@@ -11,9 +11,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import ROOT, read_metrics, run_script
-from safetensors.torch import load_file
+from conftest import ROOT, assert_same_run, read_metrics, run_script
 
 # A few updates, with a checkpoint every second one.
 FLAGS = {"rloo": ["--total-episodes", str(64 * 6)], "ppo": ["--total-episodes", str(64 * 4)]}
@@ -38,17 +36,6 @@ def read_until(process, text):
 def checkpoints(output_dir):
     root = output_dir / "checkpoints"
     return sorted(os.listdir(root)) if root.exists() else []
-
-
-def assert_same_run(reference, resumed):
-    """The same metrics for every update (the clocks aside) and bitwise the same final weights."""
-    timing = ("time/", "eps", "memory/")
-    strip = lambda rows: [{k: v for k, v in row.items() if not k.startswith(timing)} for row in rows]  # noqa: E731
-    assert strip(read_metrics(resumed)) == strip(read_metrics(reference))
-    for weights in ["model.safetensors", "value_model/model.safetensors"]:
-        if (reference / weights).exists():
-            expected, got = load_file(reference / weights), load_file(resumed / weights)
-            assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), weights
 
 
 @pytest.fixture(scope="module")

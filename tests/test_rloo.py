@@ -44,9 +44,12 @@ def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     (["--total-episodes", "8"], "less than one update"),
     (["--prompt-column", "text"], "no column 'text'"),
     (["--max-prompt-length", "2"], "prompts fit --max-prompt-length"),
+    (["--save-every", "0"], "--save-every and --keep-checkpoints must be >= 1"),
+    (["--reward-model-path", "SFT"], "has no trained score.weight (is it a sequence-classification model"),
 ])
 def test_bad_input_gets_one_line_error_and_writes_nothing(pythia_like, tmp_path, flags, message):
     output_dir = tmp_path / "run"
+    flags = [pythia_like["sft_model_path"] if flag == "SFT" else flag for flag in flags]  # a causal LM, no score head
     result = run_script("rloo.py", *pythia_flags(pythia_like, output_dir, "--total-episodes", "48", *flags))
     assert result.returncode != 0
     assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr

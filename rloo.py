@@ -304,6 +304,21 @@ RUN_ONLY_SETTINGS = {"exp_name", "output_dir", "track", "wandb_project_name", "w
                      "keep_checkpoints", "resume", "overwrite", "debug", "num_sample_generations"}
 
 
+# SIGINT (Ctrl-C) and SIGTERM (preemption) are recorded here; the loop then finishes the update under way, saves a
+# checkpoint and exits, all processes after the same update. A second SIGINT exits at once. (Installed when the
+# script runs as a program, not when main() is called from Python.)
+STOP_SIGNALS = []
+
+
+def stop_after_this_update(signum, frame):
+    if STOP_SIGNALS and signum == signal.SIGINT:
+        sys.exit("error: interrupted again; stopped at once, without saving (the newest checkpoint is intact)")
+    STOP_SIGNALS.append(signum)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{signal.Signals(signum).name}: finishing this update, then saving a checkpoint (Ctrl-C again: stop "
+              "now)", flush=True)
+
+
 def stop_non_finite(update, quantity, stepped=False):
     state = "after DeepSpeed's step" if stepped else "stopped before the optimizer step, so the weights stay finite"
     sys.exit(f"error: update {update}: non-finite {quantity}; {state}; nothing was saved")
@@ -568,20 +583,6 @@ def main(args: Args) -> None:
             wandb.init(**wandb_kwargs, mode="offline")
         with open(id_path, "w") as f:
             f.write(wandb.run.id)
-
-    # SIGINT (Ctrl-C) and SIGTERM (preemption) finish the update under way, save a checkpoint and exit; a second
-    # SIGINT exits at once. All processes stop after the same update (check_trigger below).
-    received = []
-
-    def stop_after_this_update(signum, frame):
-        if received and signum == signal.SIGINT:
-            sys.exit("error: interrupted again; stopped at once, without saving (the newest checkpoint is intact)")
-        received.append(signum)
-        accelerator.print(f"{signal.Signals(signum).name}: finishing this update, then saving a checkpoint (Ctrl-C "
-                          "again: stop now)")
-
-    signal.signal(signal.SIGINT, stop_after_this_update)
-    signal.signal(signal.SIGTERM, stop_after_this_update)
     sample_every = max(1, args.num_updates // max(1, args.num_sample_generations))
     accelerator.print(f"{args.num_updates} updates of {args.batch_size} completions ({prompts_per_update} prompts "
                       f"x k={args.rloo_k}) on {args.world_size} x {device.type}, {args.dtype}; output in "
@@ -744,7 +745,7 @@ def main(args: Args) -> None:
 
         # 5. Checkpoint: every --save-every updates, at the end, and after a stop signal reached any process (then
         #    all processes stop after this same update).
-        if received:
+        if STOP_SIGNALS:
             accelerator.set_trigger()
         stopping = accelerator.check_trigger()
         if update % args.save_every == 0 or update == args.num_updates or stopping:
@@ -752,7 +753,7 @@ def main(args: Args) -> None:
         if stopping:
             accelerator.print(f"stopped by a signal after update {update}; saved a checkpoint; run the same command "
                               "with --resume to continue")
-            sys.exit(128 + (received or [signal.SIGTERM])[0])  # the shell's code for death by that signal
+            sys.exit(128 + (STOP_SIGNALS or [signal.SIGTERM])[0])  # the shell's code for death by that signal
 
     # Every process takes part in collecting the weights (a no-op without sharding); the main one writes them.
     unwrapped_policy.generation_config = sft_generation_config
@@ -768,6 +769,8 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stop_after_this_update)
+    signal.signal(signal.SIGTERM, stop_after_this_update)
     args = parse_args()
     try:
         main(args)

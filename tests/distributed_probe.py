@@ -12,6 +12,7 @@ process, what a data-parallel run must agree on; used by tests/test_distributed.
 import collections
 import json
 import os
+import signal
 import sys
 import types
 
@@ -106,6 +107,8 @@ else:
     torch.optim.AdamW.step = step_and_record
 
 module = __import__(script)
+for stop_signal in (signal.SIGINT, signal.SIGTERM):  # as the script does when it runs as a program
+    signal.signal(stop_signal, module.stop_after_this_update)
 module.main(module.parse_args(flags))
 os.makedirs(record_dir, exist_ok=True)
 with open(os.path.join(record_dir, f"rank{rank}.json"), "w") as f:

@@ -319,6 +319,19 @@ def stop_after_this_update(signum, frame):
               "now)", flush=True)
 
 
+@contextlib.contextmanager
+def timed(seconds, phase):
+    """Adds the block's wall time to seconds[phase]. On a GPU it waits for the kernels queued before the block and
+    for its own, so that each phase is charged its own work (the waits cost a little throughput)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds[phase] += time.perf_counter() - start
+
+
 def stop_non_finite(update, quantity, stepped=False):
     state = "after DeepSpeed's step" if stepped else "stopped before the optimizer step, so the weights stay finite"
     sys.exit(f"error: update {update}: non-finite {quantity}; {state}; nothing was saved")
@@ -591,7 +604,8 @@ def main(args: Args) -> None:
     batches = prompt_batches(skip=first_update - 1)
     start_time = time.time()
     for update in range(first_update, args.num_updates + 1):
-        update_start = time.time()
+        update_start = time.perf_counter()
+        seconds = dict.fromkeys(("generation", "forward", "backward", "optimizer"), 0.0)  # the rest is time/other
         # 1. Rollout: every prompt k times, as k blocks of the batch (completion j of prompt i at j * B + i).
         queries = next(batches).repeat(args.rloo_k, 1).to(device)  # (k * B, Tq)
         context_length = queries.shape[1]
@@ -599,7 +613,7 @@ def main(args: Args) -> None:
         with torch.no_grad(), autocast():
             for i in range(0, len(queries), args.local_rollout_forward_batch_size):
                 query = queries[i : i + args.local_rollout_forward_batch_size]
-                with whole_policy():
+                with whole_policy(), timed(seconds, "generation"):
                     output = unwrapped_policy.generate(input_ids=query, attention_mask=query != pad_id)
                 response = output.sequences[:, context_length:]
                 response = F.pad(response, (0, args.response_length - response.shape[1]), value=pad_id)  # (b, R)
@@ -613,26 +627,28 @@ def main(args: Args) -> None:
                 # The mask is built from the stop token, not from pad ids, so a sampled pad token still counts.
                 attention_mask = torch.cat([query != pad_id, ~after_stop], 1)
                 query_response = torch.cat([query, response], 1)
-                if args.old_logprobs == "generate":
-                    logits = torch.stack(output.logits, 1)  # (b, generated, V): one chunk at a time, never the batch
-                    logprob = logprobs_from_logits(logits, response[:, : logits.shape[1]], temperature)
-                    logprob = F.pad(logprob, (0, args.response_length - logprob.shape[1]))
-                    del logits, output
-                else:
-                    logprob = response_logprobs(unwrapped_policy, query_response, attention_mask, context_length,
-                                                temperature)
-                ref_logprob = response_logprobs(ref_policy, query_response, attention_mask, context_length, temperature)
                 last_index = context_length + (~after_stop).sum(1) - 1
+                with timed(seconds, "forward"):
+                    if args.old_logprobs == "generate":
+                        logits = torch.stack(output.logits, 1)  # (b, generated, V): one chunk at a time
+                        logprob = logprobs_from_logits(logits, response[:, : logits.shape[1]], temperature)
+                        logprob = F.pad(logprob, (0, args.response_length - logprob.shape[1]))
+                        del logits, output
+                    else:
+                        logprob = response_logprobs(unwrapped_policy, query_response, attention_mask, context_length,
+                                                    temperature)
+                    ref_logprob = response_logprobs(ref_policy, query_response, attention_mask, context_length,
+                                                    temperature)
+                    score = reward_scores(reward_model, query_response, attention_mask, last_index)
                 responses.append(response)
                 response_masks.append(~after_stop)
                 logprobs.append(logprob.masked_fill(after_stop, 0.0))
                 ref_logprobs.append(ref_logprob.masked_fill(after_stop, 0.0))
-                scores.append(reward_scores(reward_model, query_response, attention_mask, last_index))
+                scores.append(score)
         responses, response_mask, logprobs, ref_logprobs, scores = map(
             torch.cat, (responses, response_masks, logprobs, ref_logprobs, scores))  # (k * B, R) each, scores (k * B,)
         query_responses = torch.cat([queries, responses], 1)
         attention_masks = torch.cat([queries != pad_id, response_mask], 1)
-        generation_time = time.time() - update_start
 
         # 2. Reward: the EOS trick, then the KL penalty. The whole completion is one action, so its reward
         #    is the score plus the summed per-token penalty (k1 estimator: logprob - ref_logprob).
@@ -646,7 +662,6 @@ def main(args: Args) -> None:
 
         # 3. Optimise: PPO-clip on the sequence-level ratio; epochs x minibatches x accumulated micro-batches, each
         #    process over its own completions (its share of every minibatch), the gradients averaged over processes.
-        train_start = time.time()
         stats = {"approxkl": [], "clipfrac": [], "loss": [], "ratio": []}
         diag_new, diag_old, diag_mask = [], [], []
         local_mini_batch_size = args.mini_batch_size // args.world_size
@@ -655,7 +670,8 @@ def main(args: Args) -> None:
             for mb_start in range(0, args.local_batch_size, local_mini_batch_size):
                 for micro_start in range(mb_start, mb_start + local_mini_batch_size, args.per_device_train_batch_size):
                     idx = order[micro_start : micro_start + args.per_device_train_batch_size]
-                    with autocast(), accelerator.accumulate(policy):  # DDP syncs at the last micro-batch
+                    # DDP syncs at the last micro-batch
+                    with autocast(), accelerator.accumulate(policy), timed(seconds, "forward"):
                         new_logprobs = response_logprobs(policy, query_responses[idx], attention_masks[idx],
                                                          context_length, temperature)
                     new_logprobs = new_logprobs.masked_fill(~response_mask[idx], 0.0)
@@ -671,7 +687,8 @@ def main(args: Args) -> None:
                     if args.dtype != "fp16" and not torch.isfinite(loss):
                         stop_non_finite(update, next((name for name, value in (("score", scores), ("KL", kl))
                                                       if not torch.isfinite(value).all()), "loss"))
-                    accelerator.backward(scaler.scale(loss))  # divides by gradient_accumulation_steps
+                    with timed(seconds, "backward"):  # (under DeepSpeed, also the step at the last micro-batch)
+                        accelerator.backward(scaler.scale(loss))  # divides by gradient_accumulation_steps
                     with torch.no_grad():
                         log_ratio = new_seq - old_seq
                         stats["approxkl"].append(0.5 * (log_ratio**2).mean())
@@ -682,15 +699,15 @@ def main(args: Args) -> None:
                             diag_new.append(new_logprobs.detach())
                             diag_old.append(old_logprobs)
                             diag_mask.append(response_mask[idx])
-                scaler.unscale_(optimizer)
-                grad_norm = float(accelerator.clip_grad_norm_(parameters, args.max_grad_norm))  # same on every process
-                if args.dtype != "fp16" and not math.isfinite(grad_norm):
-                    stop_non_finite(update, "gradient", stepped=zero_stage is not None)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                with timed(seconds, "optimizer"):
+                    scaler.unscale_(optimizer)
+                    grad_norm = float(accelerator.clip_grad_norm_(parameters, args.max_grad_norm))  # same everywhere
+                    if args.dtype != "fp16" and not math.isfinite(grad_norm):
+                        stop_non_finite(update, "gradient", stepped=zero_stage is not None)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        train_time = time.time() - train_start
 
         # 4. Log: one dict per update, to the console, metrics.jsonl and wandb, from the samples of every process
         #    (gather concatenates them in process order; on one process it changes nothing).
@@ -718,9 +735,10 @@ def main(args: Args) -> None:
             "lr": scheduler.get_last_lr()[0],
             "episode": update * args.batch_size,
             "eps": (update - first_update + 1) * args.batch_size / (time.time() - start_time),
-            "time/rollout": generation_time,
-            "time/training": train_time,
-            "time/update": time.time() - update_start,
+            **{f"time/{phase}": value for phase, value in seconds.items()},
+            # everything else: batching, masks, rewards, advantages, gathering these metrics
+            "time/other": time.perf_counter() - update_start - sum(seconds.values()),
+            "time/update": time.perf_counter() - update_start,
             "memory/peak_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda"
                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         }

@@ -25,6 +25,8 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+PHASES = ("generation", "forward", "backward", "optimizer", "other")  # the scripts' time/* per update
+
 # Pythia's shapes (Biderman et al. 2023): hidden size, layers, attention heads.
 SHAPES = {"14m": (128, 6, 4), "70m": (512, 6, 8), "160m": (768, 12, 12), "410m": (1024, 24, 16),
           "1b": (2048, 16, 8), "1.4b": (2048, 24, 16), "2.8b": (2560, 32, 32), "6.9b": (4096, 32, 32)}
@@ -97,8 +99,7 @@ def measure(script: str, paths: dict, dataset: str, args: Args, output_dir: str)
         metrics = [json.loads(line) for line in f]
     held = next((line for line in result.stdout.splitlines() if "models hold" in line), "")
     return {"s_per_update": median(m["time/update"] for m in metrics[1:]),
-            "rollout_s": median(m["time/rollout"] for m in metrics[1:]),
-            "training_s": median(m["time/training"] for m in metrics[1:]),
+            **{f"{phase}_s": median(m[f"time/{phase}"] for m in metrics[1:]) for phase in PHASES},
             "peak_gb": max(m["memory/peak_gb"] for m in metrics), "parameters": held}
 
 
@@ -146,17 +147,18 @@ def main(args: Args) -> None:
     memory = "CUDA max allocated" if device == "cuda" else "peak RSS of the process"
     lines = [f"{args.batch_size} completions x {args.response_length} tokens per update, {args.num_ppo_epochs} epoch(s), "
              f"{args.dtype}, {device}; RLOO k={args.rloo_k}; time: median over updates 2..{args.updates}; memory: {memory}.",
-             "", "| shape | script | s/update | rollout s | training s | peak GB | PPO / RLOO time | PPO / RLOO memory |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| shape | script | s/update | " + " | ".join(f"{phase} s" for phase in PHASES) +
+             " | peak GB | PPO / RLOO time | PPO / RLOO memory |", "|---|---|---|" + "---|" * len(PHASES) + "---|---|---|"]
     for row in rows:
         if "failed" in row:
-            lines.append(f"| pythia-{row['size']} | {row['script']} | failed: {row['failed'][:80]} | | | | | |")
+            lines.append(f"| pythia-{row['size']} | {row['script']} | failed: {row['failed'][:80]} |" + " |" * 8)
             continue
         rloo = next(r for r in rows if r["size"] == row["size"] and r["script"] == "rloo.py")
         ratios = (f"{row['s_per_update'] / rloo['s_per_update']:.2f}x | {row['peak_gb'] / rloo['peak_gb']:.2f}x"
                   if row["script"] == "ppo.py" and "failed" not in rloo else " | ")
-        lines.append(f"| pythia-{row['size']} | {row['script']} | {row['s_per_update']:.2f} | {row['rollout_s']:.2f} | "
-                     f"{row['training_s']:.2f} | {row['peak_gb']:.2f} | {ratios} |")
+        phases = " | ".join(f"{row[f'{phase}_s']:.3f}" for phase in PHASES)
+        lines.append(f"| pythia-{row['size']} | {row['script']} | {row['s_per_update']:.2f} | {phases} | "
+                     f"{row['peak_gb']:.2f} | {ratios} |")
     table = "\n".join(lines)
     print(table)
     prefix = args.output or os.path.join(ROOT, "benchmark", "results", f"memory_runtime_{device}")

@@ -79,6 +79,10 @@ def test_tiny_preset_runs_end_to_end_and_saves_a_loadable_policy(tmp_path):
     assert "update 3/3" in result.stdout and " -> " in result.stdout  # progress lines and a sample table
     metrics = read_metrics(output_dir)
     assert len(metrics) == 3 and all(name in metrics[-1] for name in TRL_METRICS + DIAG_METRICS)
+    # Where each update's time went: every phase measured, and little outside the model calls.
+    phases = [metrics[-1][f"time/{phase}"] for phase in ("generation", "forward", "backward", "optimizer")]
+    assert min(phases) > 0 and 0 <= metrics[-1]["time/other"] < 0.25 * metrics[-1]["time/update"]
+    assert sum(phases) + metrics[-1]["time/other"] == pytest.approx(metrics[-1]["time/update"], rel=1e-3)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     policy = AutoModelForCausalLM.from_pretrained(output_dir)
     ids = tokenizer("SUBREDDIT: r/pets TITLE: cat help POST: cat rent boss TL;DR:", return_tensors="pt")["input_ids"]

@@ -218,10 +218,15 @@ def check_args(args: Args) -> None:
         (min(sizes) < 1, "batch sizes, accumulation steps, minibatches and epochs must all be >= 1"),
         (args.response_length < 1, f"--response-length must be >= 1 (got {args.response_length})"),
         (args.max_prompt_length < 1, f"--max-prompt-length must be >= 1 (got {args.max_prompt_length})"),
-        (args.temperature <= 0, f"--temperature must be > 0 (got {args.temperature})"),
+        (not args.temperature > 0, f"--temperature must be > 0 (got {args.temperature})"),
+        (not args.learning_rate > 0, f"--learning-rate must be > 0 (got {args.learning_rate})"),
+        (not args.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {args.max_grad_norm})"),
+        (not args.kl_coef >= 0, f"--kl-coef must be >= 0 (got {args.kl_coef})"),
         (args.num_updates < 1, f"--total-episodes {args.total_episodes} is less than one update "
          f"of {args.batch_size} completions"),
-        (min(args.cliprange, args.cliprange_value) <= 0, "--cliprange and --cliprange-value must be > 0"),
+        (not min(args.cliprange, args.cliprange_value) > 0, "--cliprange and --cliprange-value must be > 0"),
+        (not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1), "--gamma and --lam must be within [0, 1]"),
+        (not args.vf_coef >= 0, f"--vf-coef must be >= 0 (got {args.vf_coef})"),
         (args.save_every < 1 or args.keep_checkpoints < 1, "--save-every and --keep-checkpoints must be >= 1"),
         (args.resume and args.overwrite, "--resume and --overwrite contradict each other; pass one"),
         (args.resume and not args.output_dir, "--resume needs --output-dir: the directory of the run to continue"),
@@ -354,6 +359,7 @@ def saved_checkpoints(output_dir):
 # change them. Every other setting must be the same as the interrupted run's.
 RUN_ONLY_SETTINGS = {"exp_name", "output_dir", "track", "wandb_project_name", "wandb_entity", "save_every",
                      "keep_checkpoints", "resume", "overwrite", "debug", "num_sample_generations"}
+DERIVED_SETTINGS = {"batch_size", "local_batch_size", "mini_batch_size", "num_updates"}  # follow from the others
 
 
 # SIGINT (Ctrl-C) and SIGTERM (preemption) are recorded here; the loop then finishes the update under way, saves a
@@ -366,9 +372,9 @@ def stop_after_this_update(signum, frame):
     if STOP_SIGNALS and signum == signal.SIGINT:
         sys.exit("error: interrupted again; stopped at once, without saving (the newest checkpoint is intact)")
     STOP_SIGNALS.append(signum)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{signal.Signals(signum).name}: finishing this update, then saving a checkpoint (Ctrl-C again: stop "
-              "now)", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # os.write: the signal may have landed inside a print
+        os.write(1, f"{signal.Signals(signum).name}: finishing this update, then saving a checkpoint (Ctrl-C again: "
+                    "stop now)\n".encode())
 
 
 @contextlib.contextmanager
@@ -394,8 +400,9 @@ def load_or_exit(load, path, what, flag):
     come from the checkpoint: a causal LM passed as a reward model would otherwise get a random head, silently."""
     try:
         model = load(path)
-    except (OSError, ValueError, RuntimeError) as error:
-        sys.exit(f"error: cannot load the {what} from {path!r} ({str(error).splitlines()[0]}); check {flag}")
+    except Exception as error:  # noqa: BLE001 (whatever the loader raises, the path given is what to check)
+        sys.exit(f"error: cannot load the {what} from {path!r} ({type(error).__name__}: "
+                 f"{(str(error).splitlines() or [''])[0]}); check {flag}")
     if isinstance(model, tuple):
         model, loading = model
         if loading["missing_keys"]:
@@ -430,6 +437,9 @@ def main(args: Args) -> None:
     args.tokenizer_path = args.tokenizer_path or args.sft_model_path
     args.value_model_path = args.value_model_path or args.reward_model_path
     check_args(args)
+    if args.total_episodes % args.batch_size:
+        accelerator.print(f"note: --total-episodes {args.total_episodes} is not a multiple of the {args.batch_size} "
+                          f"completions per update; training on {args.num_updates * args.batch_size}")
     if zero_stage is not None:
         # Under DeepSpeed ZeRO the flags, not the accelerate config, set the sizes, the clipping and the precision;
         # the config sets the stage and any offloading. bf16 then means bf16 weights with fp32 master weights in
@@ -446,18 +456,23 @@ def main(args: Args) -> None:
     # An existing run is continued (--resume), replaced (--overwrite) or left alone, and checked before anything loads.
     checkpoint = (saved_checkpoints(args.output_dir) or [None])[-1] if args.resume else None
     saved_args_path = os.path.join(args.output_dir, "args.json")
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.resume:
-        if not args.overwrite:
+    saved = json.load(open(saved_args_path)) if os.path.isfile(saved_args_path) else {}
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        sys.exit(f"error: --output-dir {args.output_dir!r} is a file; choose a directory")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        if not (args.resume or args.overwrite):
             sys.exit(f"error: --output-dir {args.output_dir!r} is not empty; pass --resume to continue the run in it, "
                      "--overwrite to replace it, or choose another directory")
-        if not os.path.exists(saved_args_path):
-            sys.exit(f"error: --output-dir {args.output_dir!r} holds no run of this script (no args.json), so "
-                     "--overwrite leaves it alone; choose another directory")
-    if args.resume and os.path.exists(saved_args_path):
-        with open(saved_args_path) as f:
-            saved = json.load(f)
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in dataclasses.asdict(args).items()
-                   if k not in RUN_ONLY_SETTINGS and saved.get(k) != v]
+        if saved.keys() != dataclasses.asdict(args).keys():  # not a run of this very script
+            sys.exit(f"error: --output-dir {args.output_dir!r} holds no run of {os.path.basename(__file__)} (no args.json "
+                     "of its own), so --resume and --overwrite leave it alone; choose another directory")
+        if args.resume and not checkpoint and os.path.exists(os.path.join(args.output_dir, "model.safetensors")):
+            sys.exit(f"error: --output-dir {args.output_dir!r} holds a finished run without checkpoints, so there is "
+                     "nothing to resume; pass --overwrite to train it again")
+    if args.resume and saved:
+        changed = [f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {saved.get(k)} -> {v}"
+                   for k, v in dataclasses.asdict(args).items()
+                   if k not in RUN_ONLY_SETTINGS | DERIVED_SETTINGS and saved.get(k) != v]
         if changed:
             sys.exit(f"error: --resume needs the interrupted run's settings (its args.json), but {', '.join(changed)}")
     accelerator.wait_for_everyone()  # every process has checked before the main one writes anything
@@ -546,6 +561,10 @@ def main(args: Args) -> None:
                                                                      output_loading_info=True),
         args.value_model_path, "value model", "--value-model-path").eval()
     value_model.config.pad_token_id = pad_id  # its forward pools at the last non-pad token (unused here, but needed)
+    positions, longest = getattr(policy.config, "max_position_embeddings", None), max(map(len, prompts))
+    if positions and longest + args.response_length > positions:
+        sys.exit(f"error: the longest prompt ({longest} tokens) + --response-length {args.response_length} exceed the "
+                 f"policy's {positions} positions; lower --max-prompt-length or --response-length")
     if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
         sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the policy's embeddings; "
                  "use a tokenizer that matches --sft-model-path")
@@ -618,6 +637,7 @@ def main(args: Args) -> None:
         if is_main:
             with open(os.path.join(path + ".partial", "trainer_state.json"), "w") as f:
                 json.dump({"update": update, "episode": update * args.batch_size}, f)
+            os.sync()  # on disk before it is named: a power cut cannot leave a complete-looking partial checkpoint
             shutil.rmtree(path, ignore_errors=True)
             os.replace(path + ".partial", path)
             for old in saved_checkpoints(args.output_dir)[: -args.keep_checkpoints]:
@@ -635,7 +655,7 @@ def main(args: Args) -> None:
         metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["update"] < first_update]
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["update"] < first_update]
             with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(metrics_path + ".tmp", metrics_path)
@@ -716,6 +736,9 @@ def main(args: Args) -> None:
         contains_eos = (responses == eos_id).any(1)
         if args.missing_eos_penalty is not None:
             scores = torch.where(contains_eos, scores, scores - args.missing_eos_penalty)
+        for name, value in (("score", scores), ("KL", logprobs - ref_logprobs)):
+            if not torch.isfinite(value).all():  # in every dtype: nothing good is learnt from a NaN reward
+                stop_non_finite(update, name)
         kl = logprobs - ref_logprobs  # (B, R), zero after the stop token
         rewards = token_rewards(scores, kl, response_mask, args.kl_coef)
         non_score_reward = -args.kl_coef * kl.sum(1)
@@ -756,8 +779,7 @@ def main(args: Args) -> None:
                                                               args.cliprange_value)
                     # Checked before backward, inside which DeepSpeed steps (fp16's loss scaling skips such steps)
                     if args.dtype != "fp16" and not torch.isfinite(loss + vf_loss):
-                        stop_non_finite(update, next((name for name, value in (("score", scores), ("KL", kl))
-                                                      if not torch.isfinite(value).all()), "loss"))
+                        stop_non_finite(update, "loss")
                     with timed(seconds, "backward"):  # (under DeepSpeed, also the step at the last micro-batch)
                         accelerator.backward(scaler.scale(loss + args.vf_coef * vf_loss))  # divides by accumulation
                     with torch.no_grad():
@@ -852,7 +874,7 @@ def main(args: Args) -> None:
         stopping = accelerator.check_trigger()
         if update % args.save_every == 0 or update == args.num_updates or stopping:
             save_checkpoint(update)
-        if stopping:
+        if stopping and update < args.num_updates:  # (at the last update the run simply ends, saving the policy)
             accelerator.print(f"stopped by a signal after update {update}; saved a checkpoint; run the same command "
                               "with --resume to continue")
             sys.exit(128 + (STOP_SIGNALS or [signal.SIGTERM])[0])  # the shell's code for death by that signal

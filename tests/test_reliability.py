@@ -62,7 +62,9 @@ def test_kill_9_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path, unin
     process.wait()
     assert checkpoints(output_dir)[0] == "update_0000002"
     assert len(read_metrics(output_dir)) >= 3  # logged past its newest checkpoint: those lines are redone
-    # As if a crash had cut a later checkpoint short: a .partial directory is never taken for a checkpoint.
+    # As if a crash had cut a later checkpoint and a metrics line short: neither is taken for a finished one.
+    with open(output_dir / "metrics.jsonl", "a") as f:
+        f.write('{"update": 4, "objective/kl": 0.')
     (output_dir / "checkpoints" / "update_0000099.partial").mkdir()
     (output_dir / "checkpoints" / "update_0000099.partial" / "model.safetensors").write_text("cut short")
 
@@ -118,9 +120,16 @@ def test_an_existing_run_is_never_silently_replaced(tmp_path, uninterrupted):
     not_a_run = tmp_path / "notes"
     not_a_run.mkdir()
     (not_a_run / "thesis.tex").write_text("precious")
-    result = run_script("rloo.py", "--output-dir", str(not_a_run), "--overwrite")
-    assert result.returncode != 0 and "holds no run of this script (no args.json)" in result.stderr
-    assert (not_a_run / "thesis.tex").read_text() == "precious"
+    for flag in ("--overwrite", "--resume"):
+        result = run_script("rloo.py", "--output-dir", str(not_a_run), flag)
+        assert result.returncode != 0 and "holds no run of rloo.py (no args.json of its own)" in result.stderr
+        assert os.listdir(not_a_run) == ["thesis.tex"] and (not_a_run / "thesis.tex").read_text() == "precious"
+    # Nor does rloo.py take over a run of ppo.py.
+    result = run_script("ppo.py", "--total-episodes", "64", "--output-dir", str(tmp_path / "ppo_run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_script("rloo.py", "--output-dir", str(tmp_path / "ppo_run"), "--overwrite")
+    assert result.returncode != 0 and "holds no run of rloo.py" in result.stderr
+    assert (tmp_path / "ppo_run" / "value_model").exists()
     result = run_script("rloo.py", "--resume")
     assert result.returncode != 0 and "--resume needs --output-dir" in result.stderr
 
@@ -155,8 +164,8 @@ def test_an_unreachable_wandb_falls_back_to_offline(tmp_path):
     assert list((output_dir / "wandb").glob("offline-run-*")) and len(read_metrics(output_dir)) == 1
 
 
-@pytest.mark.parametrize("script", ["rloo", "ppo"])
-def test_a_non_finite_score_stops_the_run_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, script):
+@pytest.mark.parametrize("script,dtype", [("rloo", "fp32"), ("ppo", "fp32"), ("rloo", "fp16")])
+def test_a_non_finite_score_stops_the_run_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, script, dtype):
     module = importlib.import_module(script)
     exact = module.reward_scores
     calls = []
@@ -172,8 +181,8 @@ def test_a_non_finite_score_stops_the_run_and_keeps_the_last_good_checkpoint(mon
     output_dir = tmp_path / "run"
     with pytest.raises(SystemExit, match="error: update 2: non-finite score; stopped before the optimizer step.*"
                                          "nothing was saved"):
-        module.main(module.parse_args(["--total-episodes", "192", "--save-every", "1", "--output-dir",
-                                       str(output_dir)]))
+        module.main(module.parse_args(["--total-episodes", "192", "--save-every", "1", "--dtype", dtype,
+                                       "--output-dir", str(output_dir)]))
     assert [m["update"] for m in read_metrics(output_dir)] == [1]  # update 1 was logged, update 2 never was
     assert checkpoints(output_dir) == ["update_0000001"]  # the last good checkpoint stays
     assert not os.path.exists(output_dir / "model.safetensors")  # no policy with NaN weights is saved

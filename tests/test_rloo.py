@@ -46,7 +46,7 @@ def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     (["--max-prompt-length", "2"], "prompts fit --max-prompt-length"),
     (["--save-every", "0"], "--save-every and --keep-checkpoints must be >= 1"),
     (["--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
-    (["--learning-rate", "-1"], "--learning-rate must be > 0"),
+    (["--learning-rate", "-1"], "--learning-rate must be >= 0"),
     (["--temperature", "nan"], "--temperature must be > 0"),
     (["--response-length", "100000"], "exceed the policy's"),
     (["--reward-model-path", "SFT"], "has no trained score.weight (is it a sequence-classification model"),

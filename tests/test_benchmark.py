@@ -174,6 +174,22 @@ def test_memory_runtime_measures_both_scripts_and_draws_the_chart(tmp_path):
     assert open(f"{prefix}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_speed_table_has_our_rows_and_the_phases_without_trl(tmp_path, monkeypatch):
+    from benchmark import speed
+
+    memory_runtime = speed.memory_runtime  # the module speed.py uses
+    monkeypatch.setattr(memory_runtime, "build_models",
+                        lambda size, root, build=memory_runtime.build_models: build(size, str(tmp_path / "models")))
+    prefix = tmp_path / "speed"
+    speed.main(speed.Args(size="14m", epochs=(1,), updates=2, output=str(prefix)))
+    table = open(f"{prefix}.md").read()
+    assert "| RLOO | 1 |" in table and "| PPO | 1 |" in table and "not run" in table  # no TRL venv given
+    rows = json.load(open(f"{prefix}.json"))["rows"]
+    for row in rows:  # every phase measured, the time outside model calls a small share
+        assert all(row["ours"][f"{phase}_s"] > 0 for phase in memory_runtime.PHASES[:-1])
+        assert row["ours"]["other_s"] < 0.25 * row["ours"]["s_per_update"]
+
+
 def test_a_finished_run_is_skipped_and_one_made_by_another_command_is_refused(tmp_path):
     script = f"source {ROOT}/benchmark/lib.sh; train {tmp_path}/run \"$@\""
     train = lambda *command: subprocess.run(["bash", "-c", script, "train", *command], capture_output=True, text=True)  # noqa: E731

@@ -55,7 +55,8 @@ class Args:
     keep_checkpoints: int = 2
     """how many of the newest checkpoints to keep"""
     resume: bool = False
-    """continue the run in --output-dir from its newest checkpoint, with the same flags (a fresh start if it has none)"""
+    """continue the run in --output-dir from its newest checkpoint, with the same flags (a fresh start if it has
+    none)"""
     overwrite: bool = False
     """replace the run in --output-dir (without it or --resume, a directory holding a run is never touched)"""
     debug: bool = False
@@ -466,8 +467,8 @@ def main(args: Args) -> None:
             sys.exit(f"error: --output-dir {args.output_dir!r} is not empty; pass --resume to continue the run in it, "
                      "--overwrite to replace it, or choose another directory")
         if saved.keys() != dataclasses.asdict(args).keys():  # not a run of this very script
-            sys.exit(f"error: --output-dir {args.output_dir!r} holds no run of {os.path.basename(__file__)} (no args.json "
-                     "of its own), so --resume and --overwrite leave it alone; choose another directory")
+            sys.exit(f"error: --output-dir {args.output_dir!r} holds no run of {os.path.basename(__file__)} (no "
+                     "args.json of its own), so --resume and --overwrite leave it alone; choose another directory")
         if args.resume and not checkpoint and os.path.exists(os.path.join(args.output_dir, "model.safetensors")):
             sys.exit(f"error: --output-dir {args.output_dir!r} holds a finished run without checkpoints, so there is "
                      "nothing to resume; pass --overwrite to train it again")
@@ -614,7 +615,8 @@ def main(args: Args) -> None:
             try:
                 yield
             finally:
-                hooks.forward_hooks.clear(), hooks.backward_hooks.clear()
+                hooks.forward_hooks.clear()
+                hooks.backward_hooks.clear()
                 hooks.setup_zero_stage3_hooks()
 
     # Resume: weights, optimizer, scheduler, scaler and every process's RNG states come back from the checkpoint, and
@@ -739,10 +741,10 @@ def main(args: Args) -> None:
         contains_eos = (responses == eos_id).any(1)
         if args.missing_eos_penalty is not None:
             scores = torch.where(contains_eos, scores, scores - args.missing_eos_penalty)
-        for name, value in (("score", scores), ("KL", logprobs - ref_logprobs)):
+        kl = logprobs - ref_logprobs  # (B, R), zero after the stop token
+        for name, value in (("score", scores), ("KL", kl)):
             if not torch.isfinite(value).all():  # in every dtype: nothing good is learnt from a NaN reward
                 stop_non_finite(update, name)
-        kl = logprobs - ref_logprobs  # (B, R), zero after the stop token
         rewards = token_rewards(scores, kl, response_mask, args.kl_coef)
         non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward
@@ -823,6 +825,7 @@ def main(args: Args) -> None:
             "vf_clipfrac": torch.stack(stats["vf_clipfrac"])}.items()}
         valid = gathered["response_mask"].bool()
         ratio = gathered["ratio"][gathered["ratio_mask"].bool()]
+        update_seconds = time.perf_counter() - update_start
         metrics = {
             "objective/kl": gathered["kl"].mean().item(),
             "objective/entropy": gathered["entropy"].mean().item(),
@@ -846,8 +849,8 @@ def main(args: Args) -> None:
             "eps": (update - first_update + 1) * args.batch_size / (time.time() - start_time),
             **{f"time/{phase}": value for phase, value in seconds.items()},
             # everything else: batching, masks, rewards, advantages, gathering these metrics
-            "time/other": time.perf_counter() - update_start - sum(seconds.values()),
-            "time/update": time.perf_counter() - update_start,
+            "time/other": update_seconds - sum(seconds.values()),
+            "time/update": update_seconds,
             "memory/peak_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda"
                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         }

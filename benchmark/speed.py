@@ -44,13 +44,16 @@ class Args:
     """results prefix: .md and .json are added (default: benchmark/results/speed_{device})"""
 
 
-def measure_trl(trainer: str, paths: dict, dataset: str, args: Args, epochs: int, scratch: str) -> dict:
-    output = os.path.join(scratch, f"trl-{trainer}-{epochs}.json")
-    command = [args.trl_python, os.path.join(ROOT, "benchmark", "trl_baseline.py"), "--trainer", trainer,
+def measure_trl(trl_python: str, trainer: str, paths: dict, dataset: str, settings: memory_runtime.Args,
+                scratch: str) -> dict:
+    """TRL at exactly the settings memory_runtime.measure gives our scripts."""
+    output = os.path.join(scratch, f"trl-{trainer}-{settings.num_ppo_epochs}.json")
+    command = [trl_python, os.path.join(ROOT, "benchmark", "trl_baseline.py"), "--trainer", trainer,
                "--sft-model-path", paths["sft_model_path"], "--reward-model-path", paths["reward_model_path"],
-               "--dataset-name", dataset, "--updates", str(args.updates), "--batch-size", str(args.batch_size),
-               "--rloo-k", str(args.rloo_k), "--response-length", str(args.response_length), "--num-ppo-epochs",
-               str(epochs), "--max-prompt-length", "64", "--output-json", output]
+               "--dataset-name", dataset, "--updates", str(settings.updates), "--batch-size", str(settings.batch_size),
+               "--rloo-k", str(settings.rloo_k), "--response-length", str(settings.response_length),
+               "--num-ppo-epochs", str(settings.num_ppo_epochs), "--learning-rate", str(settings.learning_rate),
+               "--max-prompt-length", "64", "--output-json", output]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
@@ -77,14 +80,15 @@ def main(args: Args) -> None:
             for name in ("rloo", "ppo"):
                 ours = memory_runtime.measure(f"{name}.py", paths, world["dataset_name"], settings,
                                               os.path.join(scratch, f"{name}-{epochs}"))
-                trl = measure_trl(name, paths, world["dataset_name"], args, epochs, scratch) if args.trl_python else {}
+                trl = (measure_trl(args.trl_python, name, paths, world["dataset_name"], settings, scratch)
+                       if args.trl_python else {})
                 rows.append({"algorithm": name, "epochs": epochs, "ours": ours, "trl": trl})
                 print(f"{name}, {epochs} epoch(s): ours {ours.get('s_per_update', ours.get('failed'))}, "
                       f"TRL {trl.get('s_per_update', trl.get('failed', 'not run'))}", flush=True)
 
     lines = [f"pythia-{args.size} shape (vocabulary 50304) as policy and reward model, {args.batch_size} completions x "
-             f"{args.response_length} tokens per update, RLOO k={args.rloo_k}, fp32, {device}; median seconds per update "
-             f"over updates 2..{args.updates}; peak memory: "
+             f"{args.response_length} tokens per update, RLOO k={args.rloo_k}, fp32, {device}; median seconds per "
+             f"update over updates 2..{args.updates}; peak memory: "
              + ("CUDA max allocated" if device == "cuda" else "the process's peak RSS") + ".", "",
              "| algorithm | epochs | ours s/update | TRL 0.21 s/update | TRL / ours time | ours peak GB | "
              "TRL peak GB | TRL / ours memory | ours: outside model calls |", "|---|---|---|---|---|---|---|---|---|"]

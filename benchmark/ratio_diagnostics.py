@@ -6,7 +6,7 @@ source document's "dark side"; transformers issue 31267). This samples one batch
 the logprobs of the sampled tokens taken in different ways, for every precision:
 
 - the old-logprob sources, each against the training forward over a shuffled minibatch: `generate` (the
-  logits generation returned, as TRL 0.11) and `forward` (a separate no-grad forward over the rollout chunk);
+  sampling pass's own, KV-cache decoding, as TRL 0.11 takes generate()'s logits) and `forward` (a separate no-grad forward over the rollout chunk);
 - the causes, one factor at a time: (a) incremental decoding with a KV cache vs one full forward of the same
   batch; (b) a left-padded batch vs each sequence alone; (c) the logits computed in the low precision vs in
   fp32 from the same hidden states, and a log-softmax taken in the low precision; (d) the whole policy in the
@@ -31,10 +31,10 @@ import datasets
 import transformers
 import tyro
 from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rloo import PRESETS, forward, logprobs_from_logits, ratio_diagnostics, response_logprobs  # noqa: E402
+from rloo import PRESETS, forward, logprobs_from_logits, ratio_diagnostics, response_logprobs, sample  # noqa: E402
 
 Precision = Literal["fp32", "bf16-autocast", "bf16-weights", "fp16-autocast", "fp16-weights"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,10 +93,6 @@ def logprob_sources(policy, precision, queries, pad_id, stop_id, settings, seed)
         model = AutoModelForCausalLM.from_pretrained(settings["sft_model_path"], dtype=dtype).to(queries.device).eval()
     low = lambda: torch.autocast(device_type, dtype=dtype, enabled=storage == "autocast" and dtype != torch.float32)  # noqa: E731
     temperature, response_length = settings["temperature"], settings["response_length"]
-    # Set on the model, as rloo.py does: generate() fills a passed config's unset fields from the model's defaults.
-    model.generation_config = GenerationConfig(
-        max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-        eos_token_id=stop_id, pad_token_id=pad_id, return_dict_in_generate=True, output_logits=True)
     context_length = queries.shape[1]
     torch.manual_seed(seed)  # after loading, so that every precision samples from the same random stream
     out = {name: [] for name in ("generate", "forward", "low_head", "fp32_head", "low_log_softmax", "fp32_log_softmax",
@@ -104,17 +100,10 @@ def logprob_sources(policy, precision, queries, pad_id, stop_id, settings, seed)
     for start in range(0, len(queries), settings["rollout_batch_size"]):
         query = queries[start : start + settings["rollout_batch_size"]]
         with torch.no_grad(), low():
-            output = model.generate(input_ids=query, attention_mask=query != pad_id)
-            response = output.sequences[:, context_length:]
-            response = F.pad(response, (0, response_length - response.shape[1]), value=pad_id)
-            is_stop = response == stop_id
-            after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0
-            response = response.masked_fill(after_stop, pad_id)
-            attention_mask = torch.cat([query != pad_id, ~after_stop], 1)
+            response, response_mask, generated = sample(model, query, pad_id, stop_id, response_length, temperature)
+            attention_mask = torch.cat([query != pad_id, response_mask], 1)
             query_response = torch.cat([query, response], 1)
-            logits = torch.stack(output.logits, 1)  # (b, generated, V), raw logits upcast to fp32 by generate()
-            generated = logprobs_from_logits(logits, response[:, : logits.shape[1]], temperature)
-            out["generate"].append(F.pad(generated, (0, response_length - generated.shape[1])))
+            out["generate"].append(generated)
             out["forward"].append(response_logprobs(model, query_response, attention_mask, context_length, temperature))
             # (c): the same hidden states through the output layer in the precision and in fp32; then the same
             # tempered logits through a log-softmax in the precision (what log_softmax(bf16 logits) does) and in fp32.
@@ -143,7 +132,7 @@ def logprob_sources(policy, precision, queries, pad_id, stop_id, settings, seed)
         out["alone"].append(alone)
         out["query_response"].append(query_response)
         out["attention_mask"].append(attention_mask)
-        out["response_mask"].append(~after_stop)
+        out["response_mask"].append(response_mask)
     out = {name: torch.cat(tensors) for name, tensors in out.items()}
     # The training forward: shuffled minibatches of the training size, with gradients on, as in training.
     out["train"] = torch.zeros_like(out["forward"])

@@ -10,15 +10,13 @@ process, what a data-parallel run must agree on; used by tests/test_distributed.
 """
 
 import collections
+import functools
 import json
 import os
 import signal
 import sys
-import types
 
 import torch
-import torch.nn.functional as F
-from transformers.generation.utils import GenerationMixin
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,26 +32,20 @@ for name in ("all_gather_into_tensor", "all_gather"):
 
     setattr(torch.distributed, name, counted)
 
-original_generate = GenerationMixin.generate
 times_sampled = collections.Counter()
 
 
-def generate_each_alone(self, input_ids, attention_mask, **kwargs):
-    new_tokens = []
-    for ids, mask in zip(input_ids, attention_mask):
-        prompt = tuple(ids[mask.bool()].tolist())
+def sample_each_alone(original_sample, model, queries, pad_id, *args):
+    sampled = []
+    for query in queries:
+        prompt = tuple(query[query != pad_id].tolist())
         records["prompts"].append(prompt)
         torch.manual_seed(hash((prompt, times_sampled[prompt])) % 2**31)  # a tuple of ints hashes the same everywhere
         times_sampled[prompt] += 1
-        alone = torch.tensor([prompt])
         before = records["all_gathers"]
-        output = original_generate(self, input_ids=alone, attention_mask=torch.ones_like(alone), **kwargs)
+        sampled.append(original_sample(model, torch.tensor([prompt]), pad_id, *args))
         records["all_gathers_in_generate"] += records["all_gathers"] - before
-        new_tokens.append(output.sequences[0, len(prompt) :])
-    width = max(len(tokens) for tokens in new_tokens)
-    pad_id = self.generation_config.pad_token_id
-    new_tokens = torch.stack([F.pad(tokens, (0, width - len(tokens)), value=pad_id) for tokens in new_tokens])
-    return types.SimpleNamespace(sequences=torch.cat([input_ids, new_tokens], 1))
+    return tuple(torch.cat(parts) for parts in zip(*sampled))  # tokens, mask, logprobs: each (B, response_length)
 
 
 original_clip = torch.nn.utils.clip_grad_norm_
@@ -75,7 +67,6 @@ def step_and_record(self, *args, **kwargs):
     return result
 
 
-GenerationMixin.generate = generate_each_alone
 if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # launched with benchmark/zero{2,3}.yaml
     import accelerate
     import deepspeed
@@ -107,6 +98,7 @@ else:
     torch.optim.AdamW.step = step_and_record
 
 module = __import__(script)
+module.sample = functools.partial(sample_each_alone, module.sample)
 for stop_signal in (signal.SIGINT, signal.SIGTERM):  # as the script does when it runs as a program
     signal.signal(stop_signal, module.stop_after_this_update)
 module.main(module.parse_args(flags))

@@ -1,9 +1,12 @@
 """The math of rloo.py pinned to the blog's worked numbers (MISSION.md items 5 and 6) and to hand-checked cases."""
 
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from rloo import logprobs_from_logits, ppo_clip_loss, ratio_diagnostics, rloo_advantages
+from rloo import logprobs_from_logits, ppo_clip_loss, ratio_diagnostics, rloo_advantages, sample
 
 
 def slow_leave_one_out(rewards, k):
@@ -124,3 +127,45 @@ def test_sequence_ratio_is_the_product_of_token_ratios():
     assert stats["diag/ratio_token_max"] == pytest.approx(token_ratio[mask].max().item(), rel=1e-6)
     same = ratio_diagnostics(old, old, mask, cliprange=0.2)
     assert same["diag/ratio_token_std"] == 0.0 and same["diag/clipfrac_seq"] == 0.0 and same["diag/ratio_seq_mean"] == 1.0
+
+
+class ScriptedPolicy:
+    """A stand-in policy: its next-token logits are logits_at(step) (one row, or one per query), step counting its
+    calls."""
+
+    def __init__(self, logits_at):
+        self.logits_at, self.calls = logits_at, 0
+
+    def __call__(self, input_ids, **kwargs):
+        logits = self.logits_at(self.calls).expand(len(input_ids), -1)
+        self.calls += 1
+        return SimpleNamespace(logits=logits.unsqueeze(1), past_key_values=None)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampler_draws_from_the_tempered_softmax_and_never_a_zero_probability_token(temperature):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    policy = ScriptedPolicy(lambda step: probs.log().unsqueeze(0))
+    n = 100_000
+    torch.manual_seed(0)
+    tokens, mask, logprobs = sample(policy, torch.ones(n, 3, dtype=torch.long), 9, None, 1, temperature)
+    expected = probs ** (1 / temperature) / (probs ** (1 / temperature)).sum()
+    frequencies = torch.bincount(tokens[:, 0], minlength=len(probs)).double() / n
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert ((frequencies - expected).abs() <= 5 * sigma + 1e-12).all(), (frequencies, expected)
+    assert frequencies[4] == 0 and mask.all()
+    assert torch.allclose(logprobs[:, 0], expected.log()[tokens[:, 0]].float(), atol=1e-6)
+
+
+def test_sampler_pads_after_the_stop_token_and_stops_once_every_row_has_ended():
+    stop_id, pad_id, vocab = 2, 9, 4
+    # Row r samples token 1 until call r, then token 2 (the stop token): each row of logits is one-hot.
+    one_hot = lambda token: torch.full((vocab,), -math.inf).index_fill(0, torch.tensor([token]), 0.0)  # noqa: E731
+    policy = ScriptedPolicy(lambda step: torch.stack([one_hot(stop_id if step >= row else 1) for row in range(3)]))
+    tokens, mask, logprobs = sample(policy, torch.ones(3, 4, dtype=torch.long), pad_id, stop_id, 8, 0.7)
+    assert policy.calls == 3  # the queries' forward and 2 one-token steps: none once every row has stopped
+    assert tokens.tolist() == [[2] + [pad_id] * 7, [1, 2] + [pad_id] * 6, [1, 1, 2] + [pad_id] * 5]
+    assert mask.sum(1).tolist() == [1, 2, 3] and (logprobs == 0).all()
+    policy = ScriptedPolicy(lambda step: one_hot(stop_id).unsqueeze(0))
+    tokens, mask, _ = sample(policy, torch.ones(2, 4, dtype=torch.long), pad_id, None, 5, 0.7)  # no stop token
+    assert policy.calls == 5 and (tokens == stop_id).all() and mask.all()

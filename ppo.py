@@ -713,6 +713,11 @@ def main(args: Args) -> None:
     accelerator.print(f"{args.num_updates} updates of {args.batch_size} completions (one per prompt) on "
                       f"{args.world_size} x {device.type}, {args.dtype}; output in {args.output_dir}")
 
+    # With one micro-batch per optimizer step, one step per epoch and one rollout chunk, the first training forward
+    # would run over exactly the rollout's completions before any step: the rollout's forward becomes that forward,
+    # run with autograd and trained on in the first epoch (exact, and one forward fewer per update).
+    train_on_rollout_forward = (args.num_mini_batches == 1 and args.gradient_accumulation_steps == 1
+                                and args.local_rollout_forward_batch_size >= args.local_batch_size)
     batches = prompt_batches(skip=first_update - 1)
     start_time = time.time()
     for update in range(first_update, args.num_updates + 1):
@@ -734,8 +739,14 @@ def main(args: Args) -> None:
                 with timed(seconds, "forward"):
                     # The training pass's own forward gives the sampling policy's logprobs and the values (under
                     # ZeRO-3 it gathers each layer in turn); the `generate` source then swaps in the sampling pass's.
-                    logprob, value = unwrapped_policy_and_value(query_response, attention_mask, context_length,
-                                                                temperature)
+                    if train_on_rollout_forward:
+                        with torch.enable_grad(), accelerator.accumulate(policy_and_value):
+                            rollout_logprobs, rollout_values = policy_and_value(query_response, attention_mask,
+                                                                                context_length, temperature)
+                        logprob, value = rollout_logprobs.detach(), rollout_values.detach()
+                    else:
+                        logprob, value = unwrapped_policy_and_value(query_response, attention_mask, context_length,
+                                                                    temperature)
                     if args.old_logprobs == "generate":
                         logprob = sampled_logprob
                     ref_logprob = response_logprobs(ref_policy, query_response, attention_mask, context_length,
@@ -783,9 +794,12 @@ def main(args: Args) -> None:
                 for micro_start in range(mb_start, mb_start + local_mini_batch_size, args.per_device_train_batch_size):
                     idx = order[micro_start : micro_start + args.per_device_train_batch_size]
                     # DDP syncs at the last micro-batch
-                    with autocast(), accelerator.accumulate(policy_and_value), timed(seconds, "forward"):
-                        new_logprobs, new_values = policy_and_value(query_responses[idx], attention_masks[idx],
-                                                                    context_length, temperature)
+                    if epoch == 0 and train_on_rollout_forward:
+                        new_logprobs, new_values = rollout_logprobs[idx], rollout_values[idx]  # (idx: all, shuffled)
+                    else:
+                        with autocast(), accelerator.accumulate(policy_and_value), timed(seconds, "forward"):
+                            new_logprobs, new_values = policy_and_value(query_responses[idx], attention_masks[idx],
+                                                                        context_length, temperature)
                     new_logprobs = new_logprobs.masked_fill(~response_mask[idx], 0.0)
                     first_minibatch = epoch == 0 and mb_start == 0
                     old_logprobs = logprobs[idx]

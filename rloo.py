@@ -652,6 +652,12 @@ def main(args: Args) -> None:
                       f"x k={args.rloo_k}) on {args.world_size} x {device.type}, {args.dtype}; output in "
                       f"{args.output_dir}")
 
+    # With one micro-batch per optimizer step, one step per epoch and one rollout chunk, the first training forward
+    # would run over exactly the rollout's completions before any step: the rollout's policy forward becomes that
+    # forward, run with autograd and trained on in the first epoch (exact, and one forward fewer per update).
+    train_on_rollout_forward = (args.old_logprobs == "forward" and args.num_mini_batches == 1
+                                and args.gradient_accumulation_steps == 1
+                                and args.local_rollout_forward_batch_size >= args.local_batch_size)
     batches = prompt_batches(skip=first_update - 1)
     start_time = time.time()
     for update in range(first_update, args.num_updates + 1):
@@ -673,6 +679,11 @@ def main(args: Args) -> None:
                 with timed(seconds, "forward"):
                     if args.old_logprobs == "generate":
                         logprob = sampled_logprob
+                    elif train_on_rollout_forward:
+                        with torch.enable_grad(), accelerator.accumulate(policy):
+                            rollout_logprobs = response_logprobs(policy, query_response, attention_mask,
+                                                                 context_length, temperature)
+                        logprob = rollout_logprobs.detach()
                     else:
                         logprob = response_logprobs(unwrapped_policy, query_response, attention_mask, context_length,
                                                     temperature)
@@ -713,9 +724,12 @@ def main(args: Args) -> None:
                 for micro_start in range(mb_start, mb_start + local_mini_batch_size, args.per_device_train_batch_size):
                     idx = order[micro_start : micro_start + args.per_device_train_batch_size]
                     # DDP syncs at the last micro-batch
-                    with autocast(), accelerator.accumulate(policy), timed(seconds, "forward"):
-                        new_logprobs = response_logprobs(policy, query_responses[idx], attention_masks[idx],
-                                                         context_length, temperature)
+                    if epoch == 0 and train_on_rollout_forward:
+                        new_logprobs = rollout_logprobs[idx]  # (idx: all, shuffled)
+                    else:
+                        with autocast(), accelerator.accumulate(policy), timed(seconds, "forward"):
+                            new_logprobs = response_logprobs(policy, query_responses[idx], attention_masks[idx],
+                                                             context_length, temperature)
                     new_logprobs = new_logprobs.masked_fill(~response_mask[idx], 0.0)
                     first_minibatch = epoch == 0 and mb_start == 0
                     old_logprobs = logprobs[idx]

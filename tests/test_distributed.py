@@ -181,3 +181,27 @@ def test_a_preempted_two_process_run_resumes_bitwise(tmp_path, script, zero_conf
     assert os.listdir(tmp_path / "preempted" / "checkpoints") == [f"update_{stopped_after:07d}"]
     run(script, tmp_path, "preempted", 2, *flags, "--resume", zero_config=zero_config)
     assert_same_run(tmp_path / "uninterrupted", tmp_path / "preempted")
+
+
+@pytest.mark.parametrize("script,processes,zero_config", [("rloo", 1, None), ("ppo", 1, None), ("rloo", 2, "zero3.yaml"),
+                                                          ("ppo", 2, "zero3.yaml")])
+def test_training_on_the_rollout_forward_computes_the_update_of_a_separate_forward(tmp_path, script, processes,
+                                                                                   zero_config):
+    """With one micro-batch per step, one step per epoch and the rollout in one chunk, the rollout's policy forward
+    is kept (with autograd) as the first epoch's training forward. On the same samples (the probe makes them
+    independent of the chunks), it must compute what a separate no-grad rollout forward and training forward do."""
+    if zero_config:
+        pytest.importorskip("deepspeed")
+    flags = ["--total-episodes", str(32 * processes), "--per-device-train-batch-size", "16", "--gradient-accumulation-steps",
+             "1", "--num-ppo-epochs", "2", *(["--rloo-k", "2"] if script == "rloo" else [])]
+    kept_metrics, (kept, *_) = run(script, tmp_path, "kept", processes, *flags, "--local-rollout-forward-batch-size",
+                                   "16", zero_config=zero_config)
+    separate_metrics, (separate, *_) = run(script, tmp_path, "separate", processes, *flags,
+                                           "--local-rollout-forward-batch-size", "8", zero_config=zero_config)
+    assert kept["prompts"] == separate["prompts"]
+    assert kept["grad_norms"] == pytest.approx(separate["grad_norms"], rel=1e-4)
+    assert kept["checksums"] == pytest.approx(separate["checksums"], rel=1e-6)
+    for kept_update, separate_update in zip(kept_metrics, separate_metrics):
+        for name in ["objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "policy/approxkl_avg",
+                     "val/ratio", "diag/ratio_token_max"]:
+            assert kept_update[name] == pytest.approx(separate_update[name], rel=1e-4, abs=1e-6), name

@@ -38,6 +38,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 @dataclass
@@ -137,6 +138,9 @@ class Args:
     """completions per generation / no-grad forward chunk"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in backward instead of keeping them (less memory, about a third more
+    compute in training)"""
 
     # Logging
     num_sample_generations: int = 10
@@ -296,9 +300,10 @@ def logprobs_from_logits(logits, tokens, temperature):
 
 
 def forward(model, query_responses, attention_mask, **kwargs):
-    # Queries are left-padded, so positions are counted over real tokens only.
+    # Queries are left-padded, so positions are counted over real tokens only. No KV cache: nothing follows.
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+    return model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                 **kwargs)
 
 
 def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
@@ -342,6 +347,17 @@ def sample(model, queries, pad_id, stop_id, max_tokens, temperature):
         output = model(input_ids=tokens[:, t : t + 1], attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=output.past_key_values, use_cache=True)
     return tokens, mask, logprobs
+
+
+def checkpoint_layers(model):
+    """Gradient checkpointing: in a forward with autograd each transformer layer keeps only its inputs, and backward
+    runs it again. (Not transformers' own switch: that acts only in training mode, which turns dropout on, and it
+    drops the KV cache that sampling needs.)"""
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            layer.forward = lambda *args, plain=layer.forward, **kwargs: (
+                torch.utils.checkpoint.checkpoint(plain, *args, use_reentrant=False, **kwargs)
+                if torch.is_grad_enabled() else plain(*args, **kwargs))
 
 
 def reward_scores(reward_model, query_responses, attention_mask, last_index):
@@ -394,10 +410,11 @@ def saved_checkpoints(output_dir):
     return [os.path.join(root, n) for n in sorted(names) if n.startswith("update_") and n[7:].isdigit()]
 
 
-# Settings that change how a run is run (where it logs, how often it saves), not what it computes: a resumed run may
-# change them. Every other setting must be the same as the interrupted run's.
+# Settings that change how a run is run (where it logs, how often it saves, memory for compute), not what it computes:
+# a resumed run may change them. Every other setting must be the same as the interrupted run's.
 RUN_ONLY_SETTINGS = {"exp_name", "output_dir", "track", "wandb_project_name", "wandb_entity", "save_every",
-                     "keep_checkpoints", "resume", "overwrite", "debug", "num_sample_generations"}
+                     "keep_checkpoints", "resume", "overwrite", "debug", "num_sample_generations",
+                     "gradient_checkpointing"}
 DERIVED_SETTINGS = {"batch_size", "local_batch_size", "mini_batch_size", "num_updates"}  # follow from the others
 
 
@@ -607,6 +624,9 @@ def main(args: Args) -> None:
     if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
         sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the policy's embeddings; "
                  "use a tokenizer that matches --sft-model-path")
+    if args.gradient_checkpointing:
+        for model in (policy, value_model):
+            checkpoint_layers(model)
     models = (policy, ref_policy, reward_model, value_model)  # PPO holds four models
     parameters = [*policy.parameters(), *value_model.parameters()]  # one optimizer, one loss: pg + vf_coef * vf
     # fused: one kernel for all the parameters (5.5x faster than the default foreach on this CPU, also on GPUs)

@@ -104,3 +104,30 @@ def test_rloo_raises_the_reward_on_the_tiny_world(tmp_path):
     first, last = slice(0, 6), slice(-6, None)
     assert mean(scores[last]) > mean(scores[first]) + 0.3, scores
     assert mean(rlhf_reward[last]) > mean(rlhf_reward[first]) + 0.2, rlhf_reward
+
+
+def test_gradient_checkpointing_keeps_only_layer_inputs_and_changes_no_gradient_or_sample(pythia_like):
+    from rloo import checkpoint_layers, response_logprobs, sample
+
+    plain, checkpointed = (AutoModelForCausalLM.from_pretrained(pythia_like["sft_model_path"]).eval() for _ in range(2))
+    checkpoint_layers(checkpointed)
+    ids = torch.randint(1, 20, (3, 14), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :4] = False  # a left-padded query
+    saved_numbers, gradients = [], []
+    for model in (plain, checkpointed):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            logprobs = response_logprobs(model, ids, mask, 8, 0.7)
+        logprobs.sum().backward()
+        saved_numbers.append(sum(saved))
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert saved_numbers[1] < saved_numbers[0] / 2  # the activations inside the layers are recomputed, not kept
+    assert torch.equal(gradients[0], gradients[1])
+    # Sampling (no autograd, a KV cache) is untouched.
+    samples, pad_id = [], plain.config.vocab_size - 1
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            samples.append(sample(model, ids[:, :8].masked_fill(~mask[:, :8], pad_id), pad_id, 0, 6, 0.7))
+    assert all(torch.equal(a, b) for a, b in zip(*samples))

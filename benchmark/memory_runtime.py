@@ -48,6 +48,8 @@ class Args:
     """optimisation epochs per update, the same for both"""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """compute precision of both scripts"""
+    gradient_checkpointing: bool = False
+    """run both scripts with --gradient-checkpointing"""
     learning_rate: float = 3e-6
     """the Pythia presets' (and TRL's default); the tiny preset's 1e-4 moves a random 70m policy so far in 4 epochs
     that RLOO's sequence ratio overflows, and the run stops on the non-finite gradient"""
@@ -94,7 +96,8 @@ def measure(script: str, paths: dict, dataset: str, args: Args, output_dir: str)
              "--local-rollout-forward-batch-size", str(args.batch_size), "--response-length",
              str(args.response_length), "--stop-token", "None", "--num-ppo-epochs", str(args.num_ppo_epochs),
              "--max-prompt-length", "64", "--learning-rate", str(args.learning_rate),
-             *(["--rloo-k", str(args.rloo_k)] if rloo else [])]
+             *(["--rloo-k", str(args.rloo_k)] if rloo else []),
+             *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], capture_output=True, text=True)
     if result.returncode != 0:  # out of memory is a result too: the row says so and the benchmark goes on
         lines = result.stderr.strip().splitlines()

@@ -113,6 +113,21 @@ def test_logprobs_from_logits_matches_tempered_log_softmax():
     assert logprobs_from_logits(logits.bfloat16(), tokens, 0.7).dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_logprob_gradient_matches_autograd_through_the_log_softmax(dtype, tolerance):
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 11, (3, 5), generator=generator)
+    upstream = torch.randn(3, 5, generator=generator)  # what the loss sends back to each logprob
+    gradients = []
+    for logprobs_of in (logprobs_from_logits, lambda logits, tokens, temperature: torch.log_softmax(
+            logits.float() / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)):
+        logits = (torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(3)) * 3).to(dtype).requires_grad_()
+        (logprobs_of(logits, tokens, 0.7) * upstream).sum().backward()
+        gradients.append(logits.grad)
+    assert gradients[0].dtype == dtype
+    assert torch.allclose(gradients[0].float(), gradients[1].float(), atol=tolerance, rtol=tolerance)
+
+
 def test_sequence_ratio_is_the_product_of_token_ratios():
     generator = torch.Generator().manual_seed(1)
     old = -torch.rand(4, 6, generator=generator) * 3

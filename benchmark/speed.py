@@ -30,7 +30,7 @@ class Args:
     """Pythia shape of the policy and reward model"""
     epochs: tuple[int, ...] = (1, 4)
     """PPO epochs per update to compare at"""
-    updates: int = 4
+    updates: int = 6
     """updates per run, at least 2; the first is left out of the time (warm-up)"""
     batch_size: int = 8
     """completions per update"""
@@ -117,8 +117,7 @@ def main(args: Args) -> None:
     prefix = args.output or os.path.join(ROOT, "benchmark", "results", f"speed_{device}")
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     with open(prefix + ".md", "w") as f:
-        f.write(f"`python benchmark/speed.py{' --trl-python ' + args.trl_python if args.trl_python else ''}`\n\n"
-                + table + "\n")
+        f.write(f"`python benchmark/speed.py {' '.join(sys.argv[1:])}`\n\n" + table + "\n")
     with open(prefix + ".json", "w") as f:
         json.dump({"args": asdict(args), "device": device, "rows": rows}, f, indent=2)
     print(f"wrote {prefix}.md and .json")

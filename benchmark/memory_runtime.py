@@ -153,7 +153,8 @@ def main(args: Args) -> None:
                       f"{row['s_per_update']:.2f} s/update, {row['peak_gb']:.2f} GB peak ({row['parameters']})"), flush=True)
     memory = "CUDA max allocated" if device == "cuda" else "peak RSS of the process"
     lines = [f"{args.batch_size} completions x {args.response_length} tokens per update, {args.num_ppo_epochs} epoch(s), "
-             f"{args.dtype}, {device}; RLOO k={args.rloo_k}; time: median over updates 2..{args.updates}; memory: {memory}.",
+             f"{args.dtype}{', gradient checkpointing' if args.gradient_checkpointing else ''}, {device}; "
+             f"RLOO k={args.rloo_k}; time: median over updates 2..{args.updates}; memory: {memory}.",
              "", "| shape | script | s/update | " + " | ".join(f"{phase} s" for phase in PHASES) +
              " | peak GB | PPO / RLOO time | PPO / RLOO memory |", "|---|---|---|" + "---|" * len(PHASES) + "---|---|---|"]
     for row in rows:
@@ -171,7 +172,7 @@ def main(args: Args) -> None:
     prefix = args.output or os.path.join(ROOT, "benchmark", "results", f"memory_runtime_{device}")
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     with open(prefix + ".md", "w") as f:
-        f.write(table + "\n")
+        f.write(f"`python benchmark/memory_runtime.py {' '.join(sys.argv[1:])}`\n\n" + table + "\n")
     with open(prefix + ".json", "w") as f:
         json.dump({"args": asdict(args), "device": device, "rows": rows}, f, indent=2)
     plot(rows, prefix + ".png", device)

@@ -261,8 +261,8 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, cliprange):
 
 class TokenLogprob(torch.autograd.Function):
     """log softmax(logits / temperature) at the sampled tokens, in fp32: logit - logsumexp(logits), with no full-
-    vocabulary log-softmax kept. Backward keeps only the logits and builds one full-vocabulary tensor where autograd
-    through logsumexp and gather builds five (~2x faster, less memory):
+    vocabulary log-softmax kept. Backward keeps only the logits and builds one fp32 full-vocabulary tensor where
+    autograd through logsumexp and gather builds five (~2x faster, less memory):
     d logprob / d logits = (onehot(token) - softmax(logits / temperature)) / temperature."""
 
     @staticmethod
@@ -274,10 +274,12 @@ class TokenLogprob(torch.autograd.Function):
         return tempered.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normalizer
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         logits, tokens, log_normalizer = ctx.saved_tensors
         scale = grad.unsqueeze(-1) / ctx.temperature
-        grad_logits = (logits.float() / ctx.temperature).sub_(log_normalizer.unsqueeze(-1)).exp_().mul_(-scale)
+        grad_logits = logits.to(torch.float32, copy=True).div_(ctx.temperature)
+        grad_logits.sub_(log_normalizer.unsqueeze(-1)).exp_().mul_(-scale)
         return grad_logits.scatter_add_(-1, tokens.unsqueeze(-1), scale).to(logits.dtype), None, None
 
 
@@ -715,7 +717,13 @@ def main(args: Args) -> None:
                 attention_mask = torch.cat([query != pad_id, response_mask], 1)
                 query_response = torch.cat([query, response], 1)
                 last_index = context_length + response_mask.sum(1) - 1
+                if not torch.isfinite(sampled_logprob).all():  # NaN logits would be sampled as the last token
+                    stop_non_finite(update, "logits in sampling")
                 with timed(seconds, "forward"):
+                    # The frozen models first, so that a policy graph kept for training never waits beside them.
+                    ref_logprob = response_logprobs(ref_policy, query_response, attention_mask, context_length,
+                                                    temperature)
+                    score = reward_scores(reward_model, query_response, attention_mask, last_index)
                     if args.old_logprobs == "generate":
                         logprob = sampled_logprob
                     elif train_on_rollout_forward:
@@ -726,9 +734,6 @@ def main(args: Args) -> None:
                     else:
                         logprob = response_logprobs(unwrapped_policy, query_response, attention_mask, context_length,
                                                     temperature)
-                    ref_logprob = response_logprobs(ref_policy, query_response, attention_mask, context_length,
-                                                    temperature)
-                    score = reward_scores(reward_model, query_response, attention_mask, last_index)
                 responses.append(response)
                 response_masks.append(response_mask)
                 logprobs.append(logprob.masked_fill(~response_mask, 0.0))

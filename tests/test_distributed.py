@@ -183,19 +183,21 @@ def test_a_preempted_two_process_run_resumes_bitwise(tmp_path, script, zero_conf
     assert_same_run(tmp_path / "uninterrupted", tmp_path / "preempted")
 
 
-@pytest.mark.parametrize("script,processes,zero_config", [("rloo", 1, None), ("ppo", 1, None), ("rloo", 2, "zero3.yaml"),
-                                                          ("ppo", 2, "zero3.yaml")])
+@pytest.mark.parametrize("script,processes,zero_config", [("rloo", 1, None), ("ppo", 1, None), ("rloo", 2, None),
+                                                          ("rloo", 2, "zero3.yaml"), ("ppo", 2, "zero3.yaml")])
 def test_training_on_the_rollout_forward_computes_the_update_of_a_separate_forward(tmp_path, script, processes,
                                                                                    zero_config):
     """With one micro-batch per step, one step per epoch and the rollout in one chunk, the rollout's policy forward
     is kept (with autograd) as the first epoch's training forward. On the same samples (the probe makes them
-    independent of the chunks), it must compute what a separate no-grad rollout forward and training forward do."""
+    independent of the chunks), it must compute what a separate no-grad rollout forward and training forward do.
+    Under ZeRO-3 the kept run also recomputes its layers in backward (--gradient-checkpointing), which must change
+    nothing either."""
     if zero_config:
         pytest.importorskip("deepspeed")
     flags = ["--total-episodes", str(32 * processes), "--per-device-train-batch-size", "16", "--gradient-accumulation-steps",
              "1", "--num-ppo-epochs", "2", *(["--rloo-k", "2"] if script == "rloo" else [])]
     kept_metrics, (kept, *_) = run(script, tmp_path, "kept", processes, *flags, "--local-rollout-forward-batch-size",
-                                   "16", zero_config=zero_config)
+                                   "16", *(["--gradient-checkpointing"] if zero_config else []), zero_config=zero_config)
     separate_metrics, (separate, *_) = run(script, tmp_path, "separate", processes, *flags,
                                            "--local-rollout-forward-batch-size", "8", zero_config=zero_config)
     assert kept["prompts"] == separate["prompts"]

@@ -181,6 +181,8 @@ def test_sampler_pads_after_the_stop_token_and_stops_once_every_row_has_ended():
     assert policy.calls == 3  # the queries' forward and 2 one-token steps: none once every row has stopped
     assert tokens.tolist() == [[2] + [pad_id] * 7, [1, 2] + [pad_id] * 6, [1, 1, 2] + [pad_id] * 5]
     assert mask.sum(1).tolist() == [1, 2, 3] and (logprobs == 0).all()
+    policy = ScriptedPolicy(lambda step: torch.full((1, vocab), math.nan))  # what the scripts stop on
+    assert sample(policy, torch.ones(2, 4, dtype=torch.long), pad_id, stop_id, 3, 0.7)[2].isnan().all()
     policy = ScriptedPolicy(lambda step: one_hot(stop_id).unsqueeze(0))
     tokens, mask, _ = sample(policy, torch.ones(2, 4, dtype=torch.long), pad_id, None, 5, 0.7)  # no stop token
     assert policy.calls == 5 and (tokens == stop_id).all() and mask.all()

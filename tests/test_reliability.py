@@ -166,22 +166,26 @@ def test_an_unreachable_wandb_falls_back_to_offline(tmp_path):
     assert list((output_dir / "wandb").glob("offline-run-*")) and len(read_metrics(output_dir)) == 1
 
 
-@pytest.mark.parametrize("script,dtype", [("rloo", "fp32"), ("ppo", "fp32"), ("rloo", "fp16")])
-def test_a_non_finite_score_stops_the_run_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, script, dtype):
+@pytest.mark.parametrize("script,dtype,broken", [("rloo", "fp32", "reward_scores"), ("ppo", "fp32", "reward_scores"),
+                                                 ("rloo", "fp16", "reward_scores"), ("rloo", "fp32", "sample")])
+def test_a_non_finite_score_or_sampling_logit_stops_the_run_and_keeps_the_last_good_checkpoint(
+        monkeypatch, tmp_path, script, dtype, broken):
     module = importlib.import_module(script)
-    exact = module.reward_scores
+    exact = getattr(module, broken)
     calls = []
 
     def nan_from_the_second_update(*args, **kwargs):
-        scores = exact(*args, **kwargs)
+        result = exact(*args, **kwargs)
         calls.append(None)
-        if len(calls) > 1:  # the tiny preset scores a whole update in one call
-            scores[0] = float("nan")
-        return scores
+        if len(calls) > 1:  # the tiny preset scores (and samples) a whole update in one call
+            # a score, or the logprobs of a row sampled from NaN logits (test_math checks that sample() gives those)
+            (result if broken == "reward_scores" else result[2])[0] = float("nan")
+        return result
 
-    monkeypatch.setattr(module, "reward_scores", nan_from_the_second_update)
+    monkeypatch.setattr(module, broken, nan_from_the_second_update)
     output_dir = tmp_path / "run"
-    with pytest.raises(SystemExit, match="error: update 2: non-finite score; stopped before the optimizer step.*"
+    quantity = "score" if broken == "reward_scores" else "logits in sampling"
+    with pytest.raises(SystemExit, match=f"error: update 2: non-finite {quantity}; stopped before the optimizer step.*"
                                          "nothing was saved"):
         module.main(module.parse_args(["--total-episodes", "192", "--save-every", "1", "--dtype", dtype,
                                        "--output-dir", str(output_dir)]))

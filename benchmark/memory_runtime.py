@@ -110,6 +110,15 @@ def measure(script: str, paths: dict, dataset: str, args: Args, output_dir: str)
             "peak_gb": max(m["memory/peak_gb"] for m in metrics), "parameters": held}
 
 
+def write_results(prefix: str, script: str, table: str, record: dict) -> None:
+    """prefix.md: the command as it was given, then the table; prefix.json: the record."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".md", "w") as f:
+        f.write(f"`python {script} {' '.join(sys.argv[1:])}`\n\n" + table + "\n")
+    with open(prefix + ".json", "w") as f:
+        json.dump(record, f, indent=2)
+
+
 def plot(rows: list, path: str, device: str) -> None:
     import matplotlib
 
@@ -170,11 +179,7 @@ def main(args: Args) -> None:
     table = "\n".join(lines)
     print(table)
     prefix = args.output or os.path.join(ROOT, "benchmark", "results", f"memory_runtime_{device}")
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    with open(prefix + ".md", "w") as f:
-        f.write(f"`python benchmark/memory_runtime.py {' '.join(sys.argv[1:])}`\n\n" + table + "\n")
-    with open(prefix + ".json", "w") as f:
-        json.dump({"args": asdict(args), "device": device, "rows": rows}, f, indent=2)
+    write_results(prefix, "benchmark/memory_runtime.py", table, {"args": asdict(args), "device": device, "rows": rows})
     plot(rows, prefix + ".png", device)
     print(f"wrote {prefix}.md, .json and .png")
 

@@ -115,11 +115,8 @@ def main(args: Args) -> None:
     table = "\n".join(lines)
     print(table)
     prefix = args.output or os.path.join(ROOT, "benchmark", "results", f"speed_{device}")
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    with open(prefix + ".md", "w") as f:
-        f.write(f"`python benchmark/speed.py {' '.join(sys.argv[1:])}`\n\n" + table + "\n")
-    with open(prefix + ".json", "w") as f:
-        json.dump({"args": asdict(args), "device": device, "rows": rows}, f, indent=2)
+    memory_runtime.write_results(prefix, "benchmark/speed.py", table, {"args": asdict(args), "device": device,
+                                                                      "rows": rows})
     print(f"wrote {prefix}.md and .json")
 
 

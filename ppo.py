@@ -160,8 +160,9 @@ class Args:
 
 
 def pythia_preset(size: str, per_device_train_batch_size: int, gradient_accumulation_steps: int) -> Args:
-    # Huang et al. 2024's public TL;DR checkpoints and PPO settings (kl_coef 0.05, lr 3e-6, 4 epochs,
-    # 53 tokens, EOS trick, GAE gamma 1 lambda 0.95); 128 completions per update on one device.
+    # Huang et al. 2024's public TL;DR checkpoints and PPO settings (kl_coef 0.05, lr 3e-6, 4 epochs x 1 minibatch,
+    # 53 tokens, EOS trick, GAE gamma 1 lambda 0.95): 64 completions per update on each process, so 512 on the
+    # recipe's 8 GPUs (benchmark/tldr.sh raises the accumulation to keep 512 on fewer).
     return Args(
         model=f"pythia-{size}",
         sft_model_path=f"cleanrl/EleutherAI_pythia-{size}-deduped__sft__tldr",
@@ -172,7 +173,7 @@ def pythia_preset(size: str, per_device_train_batch_size: int, gradient_accumula
         kl_coef=0.05,
         learning_rate=3e-6,
         num_ppo_epochs=4,
-        num_mini_batches=2,
+        num_mini_batches=1,
         per_device_train_batch_size=per_device_train_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps,
         local_rollout_forward_batch_size=per_device_train_batch_size,
@@ -260,12 +261,19 @@ def compute_gae(rewards, values, gamma, lam):
 
 
 def token_rewards(scores, kl, response_mask, kl_coef):
-    """(B, R) per-token rewards: -kl_coef * KL on every token, and the score added on the completion's last
-    real token (its EOS when it has one), never on the padding after it."""
+    """(B, R) per-token rewards: -kl_coef * KL on every real token, and the score one position after the last real
+    token (its EOS), the state where the completion is finished, as TRL and Huang et al. credit it; a completion
+    that fills all R positions (no EOS, or EOS in the last column) gets it on its last token."""
     rewards = -kl_coef * kl * response_mask
-    last_index = response_mask.sum(1) - 1
-    rewards[torch.arange(len(rewards), device=rewards.device), last_index] += scores
+    after_last = response_mask.sum(1).clamp(max=rewards.shape[1] - 1)
+    rewards[torch.arange(len(rewards), device=rewards.device), after_last] += scores
     return rewards
+
+
+def value_positions(response_mask):
+    """(B, R) where the value model is read and trained: every real token's state and the one after the last, where
+    the score is credited (TRL's ~padding_mask_p1). Its value is the head read at the EOS token's hidden state."""
+    return F.pad(response_mask, (1, 0), value=True)[:, :-1]
 
 
 def masked_whiten(values, mask, shift_mean=True):
@@ -801,14 +809,16 @@ def main(args: Args) -> None:
                 logprobs.append(logprob.masked_fill(~response_mask, 0.0))
                 ref_logprobs.append(ref_logprob.masked_fill(~response_mask, 0.0))
                 scores.append(score)
-                values.append(value.masked_fill(~response_mask, 0.0))
+                values.append(value)
         responses, response_mask, logprobs, ref_logprobs, scores, values = map(
             torch.cat, (responses, response_masks, logprobs, ref_logprobs, scores, values))  # (B, R), scores (B,)
+        value_mask = value_positions(response_mask)
+        values = values.masked_fill(~value_mask, 0.0)
         query_responses = torch.cat([queries, responses], 1)
         attention_masks = torch.cat([queries != pad_id, response_mask], 1)
 
         # 2. Reward: the EOS trick, then the KL penalty. Every token is an action: its reward is its own
-        #    penalty (k1 estimator: logprob - ref_logprob), plus the score on the completion's last token.
+        #    penalty (k1 estimator: logprob - ref_logprob); the score comes one step after the EOS token.
         contains_eos = (responses == eos_id).any(1)
         if args.missing_eos_penalty is not None:
             scores = torch.where(contains_eos, scores, scores - args.missing_eos_penalty)
@@ -820,7 +830,7 @@ def main(args: Args) -> None:
         non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward
         if args.whiten_rewards:
-            rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+            rewards = masked_whiten(rewards, value_mask, shift_mean=False)
         # GAE over the completion, then advantages whitened over its tokens (Huang et al. 2024), over this
         # process's completions (as TRL does).
         advantages, returns = compute_gae(rewards, values, args.gamma, args.lam)
@@ -828,8 +838,7 @@ def main(args: Args) -> None:
 
         # 3. Optimise: PPO-clip per token plus the clipped value loss; epochs x minibatches x micro-batches, each
         #    process over its own completions (its share of every minibatch), the gradients averaged over processes.
-        stats = {"approxkl": [], "clipfrac": [], "loss": [], "ratio": [], "ratio_mask": [], "vf_loss": [],
-                 "vf_clipfrac": []}
+        stats = {"approxkl": [], "clipfrac": [], "loss": [], "ratio": [], "vf_loss": [], "vf_clipfrac": []}
         diag_new, diag_old, diag_mask = [], [], []
         local_mini_batch_size = args.mini_batch_size // args.world_size
         for epoch in range(args.num_ppo_epochs):
@@ -854,22 +863,19 @@ def main(args: Args) -> None:
                     mask = response_mask[idx]
                     loss, clipfrac = ppo_clip_loss(new_logprobs[mask], old_logprobs[mask], advantages[idx][mask],
                                                    args.cliprange)
-                    vf_loss, vf_clipfrac = clipped_value_loss(new_values[mask], values[idx][mask], returns[idx][mask],
+                    vmask = value_mask[idx]
+                    vf_loss, vf_clipfrac = clipped_value_loss(new_values[vmask], values[idx][vmask], returns[idx][vmask],
                                                               args.cliprange_value)
                     # Checked before backward, inside which DeepSpeed steps (fp16's loss scaling skips such steps)
                     if args.dtype != "fp16" and not torch.isfinite(loss + vf_loss):
                         stop_non_finite(update, "loss")
                     with timed(seconds, "backward"):  # (under DeepSpeed, also the step at the last micro-batch)
                         accelerator.backward(scaler.scale(loss + args.vf_coef * vf_loss))  # divides by accumulation
-                    with torch.no_grad():
-                        log_ratio = (new_logprobs - old_logprobs)[mask]
-                        stats["approxkl"].append(0.5 * (log_ratio**2).mean())
+                    with torch.no_grad():  # TRL's statistics: over all (b, R) positions, padding's log-ratio being 0
+                        stats["approxkl"].append(0.5 * ((new_logprobs - old_logprobs) ** 2).mean())
                         stats["clipfrac"].append(clipfrac)
                         stats["loss"].append(loss.detach())
-                        # Whole (b, R) rows and their mask: processes hold different numbers of real tokens, and
-                        # gathering needs the same shape everywhere.
-                        stats["ratio"].append((new_logprobs - old_logprobs).exp())
-                        stats["ratio_mask"].append(mask)
+                        stats["ratio"].append((new_logprobs - old_logprobs).exp().mean())
                         stats["vf_loss"].append(vf_loss.detach())
                         stats["vf_clipfrac"].append(vf_clipfrac)
                         if first_minibatch:
@@ -884,25 +890,25 @@ def main(args: Args) -> None:
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
 
         # 4. Log: one dict per update, to the console, metrics.jsonl and wandb, from the samples of every process
         #    (gather concatenates them in process order; on one process it changes nothing).
         gathered = {name: accelerator.gather(tensor) for name, tensor in {
-            "kl": kl.sum(1), "entropy": -logprobs.sum(1), "non_score_reward": non_score_reward,
-            "rlhf_reward": rlhf_reward, "scores": scores, "num_eos_tokens": (responses == eos_id).sum(1),
+            # TRL's entropy counts each padding position as -1 (it fills their logprobs with 1.0); ours does not
+            "kl": kl.sum(1), "entropy": -logprobs.sum(1) - (~response_mask).sum(1), "entropy_no_padding":
+            -logprobs.sum(1), "non_score_reward": non_score_reward, "rlhf_reward": rlhf_reward, "scores": scores,
             "approxkl": torch.stack(stats["approxkl"]), "clipfrac": torch.stack(stats["clipfrac"]),
-            "loss": torch.stack(stats["loss"]), "ratio": torch.cat(stats["ratio"]),
-            "ratio_mask": torch.cat(stats["ratio_mask"]).long(), "diag_new": torch.cat(diag_new),
+            "loss": torch.stack(stats["loss"]), "ratio": torch.stack(stats["ratio"]), "diag_new": torch.cat(diag_new),
             "diag_old": torch.cat(diag_old), "diag_mask": torch.cat(diag_mask).long(), "returns": returns,
-            "values": values, "response_mask": response_mask.long(), "vf_loss": torch.stack(stats["vf_loss"]),
+            "values": values, "value_mask": value_mask.long(), "vf_loss": torch.stack(stats["vf_loss"]),
             "vf_clipfrac": torch.stack(stats["vf_clipfrac"])}.items()}
-        valid = gathered["response_mask"].bool()
-        ratio = gathered["ratio"][gathered["ratio_mask"].bool()]
+        valid = gathered["value_mask"].bool()
+        ratio = gathered["ratio"]  # one mean per micro-batch
         update_seconds = time.perf_counter() - update_start
         metrics = {
             "objective/kl": gathered["kl"].mean().item(),
             "objective/entropy": gathered["entropy"].mean().item(),
+            "objective/entropy_no_padding": gathered["entropy_no_padding"].mean().item(),
             "objective/non_score_reward": gathered["non_score_reward"].mean().item(),
             "objective/rlhf_reward": gathered["rlhf_reward"].mean().item(),
             "objective/scores": gathered["scores"].mean().item(),
@@ -914,8 +920,8 @@ def main(args: Args) -> None:
             "val/explained_variance": (1 - (gathered["returns"] - gathered["values"])[valid].var()
                                        / gathered["returns"][valid].var()).item(),
             "val/ratio": ratio.mean().item(),
-            "val/ratio_var": ratio.var().item() if len(ratio) > 1 else 0.0,
-            "val/num_eos_tokens": gathered["num_eos_tokens"].sum().item(),
+            "val/ratio_var": ratio.var().item() if len(ratio) > 1 else 0.0,  # (TRL's var() of one value: NaN)
+            "val/num_eos_tokens": (responses == eos_id).sum().item(),  # this process's, as TRL logs it
             **ratio_diagnostics(gathered["diag_new"], gathered["diag_old"], gathered["diag_mask"].bool(),
                                 args.cliprange),
             "lr": scheduler.get_last_lr()[0],
@@ -946,6 +952,8 @@ def main(args: Args) -> None:
                 if samples:
                     metrics["samples"] = wandb.Table(columns=["query", "response", "score"], data=samples)
                 wandb.log(metrics, step=update)
+
+        scheduler.step()  # after logging: `lr` is the rate this update trained with, as TRL logs it
 
         # 5. Checkpoint: every --save-every updates, at the end, and after a stop signal reached any process (then
         #    all processes stop after this same update).

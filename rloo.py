@@ -151,7 +151,8 @@ class Args:
 
 def pythia_preset(size: str, per_device_train_batch_size: int, gradient_accumulation_steps: int) -> Args:
     # Huang et al. 2024's public TL;DR checkpoints, with TRL's RLOO TL;DR settings (kl_coef 0.03, lr 3e-6,
-    # 2 epochs x 2 minibatches, 53 tokens, EOS trick); 128 completions per update on one device.
+    # 2 epochs x 2 minibatches, 53 tokens, EOS trick): 128 completions per update on each process, so 1024 on the
+    # recipe's 8 GPUs (benchmark/tldr.sh raises the accumulation to keep 1024 on fewer).
     return Args(
         model=f"pythia-{size}",
         sft_model_path=f"cleanrl/EleutherAI_pythia-{size}-deduped__sft__tldr",
@@ -788,12 +789,11 @@ def main(args: Args) -> None:
                         stop_non_finite(update, "loss")
                     with timed(seconds, "backward"):  # (under DeepSpeed, also the step at the last micro-batch)
                         accelerator.backward(scaler.scale(loss))  # divides by gradient_accumulation_steps
-                    with torch.no_grad():
-                        log_ratio = new_seq - old_seq
-                        stats["approxkl"].append(0.5 * (log_ratio**2).mean())
+                    with torch.no_grad():  # TRL's statistics; val/ratio's is per token, padding's ratio being 1
+                        stats["approxkl"].append(0.5 * ((new_seq - old_seq) ** 2).mean())
                         stats["clipfrac"].append(clipfrac)
                         stats["loss"].append(loss.detach())
-                        stats["ratio"].append(log_ratio.exp())
+                        stats["ratio"].append((new_logprobs - old_logprobs).exp().mean())
                         if first_minibatch:
                             diag_new.append(new_logprobs.detach())
                             diag_old.append(old_logprobs)
@@ -806,21 +806,22 @@ def main(args: Args) -> None:
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
 
         # 4. Log: one dict per update, to the console, metrics.jsonl and wandb, from the samples of every process
         #    (gather concatenates them in process order; on one process it changes nothing).
         gathered = {name: accelerator.gather(tensor) for name, tensor in {
-            "kl": kl.sum(1), "entropy": -logprobs.sum(1), "non_score_reward": non_score_reward,
-            "rlhf_reward": rlhf_reward, "scores": scores, "num_eos_tokens": (responses == eos_id).sum(1),
+            # TRL's entropy counts each padding position as -1 (it fills their logprobs with 1.0); ours does not
+            "kl": kl.sum(1), "entropy": -logprobs.sum(1) - (~response_mask).sum(1), "entropy_no_padding":
+            -logprobs.sum(1), "non_score_reward": non_score_reward, "rlhf_reward": rlhf_reward, "scores": scores,
             "approxkl": torch.stack(stats["approxkl"]), "clipfrac": torch.stack(stats["clipfrac"]),
-            "loss": torch.stack(stats["loss"]), "ratio": torch.cat(stats["ratio"]), "diag_new": torch.cat(diag_new),
+            "loss": torch.stack(stats["loss"]), "ratio": torch.stack(stats["ratio"]), "diag_new": torch.cat(diag_new),
             "diag_old": torch.cat(diag_old), "diag_mask": torch.cat(diag_mask).long()}.items()}
-        ratio = gathered["ratio"]
+        ratio = gathered["ratio"]  # one mean per micro-batch
         update_seconds = time.perf_counter() - update_start
         metrics = {
             "objective/kl": gathered["kl"].mean().item(),
             "objective/entropy": gathered["entropy"].mean().item(),
+            "objective/entropy_no_padding": gathered["entropy_no_padding"].mean().item(),
             "objective/non_score_reward": gathered["non_score_reward"].mean().item(),
             "objective/rlhf_reward": gathered["rlhf_reward"].mean().item(),
             "objective/scores": gathered["scores"].mean().item(),
@@ -828,8 +829,8 @@ def main(args: Args) -> None:
             "policy/clipfrac_avg": gathered["clipfrac"].mean().item(),
             "loss/policy_avg": gathered["loss"].mean().item(),
             "val/ratio": ratio.mean().item(),
-            "val/ratio_var": ratio.var().item() if len(ratio) > 1 else 0.0,
-            "val/num_eos_tokens": gathered["num_eos_tokens"].sum().item(),
+            "val/ratio_var": ratio.var().item() if len(ratio) > 1 else 0.0,  # (TRL's var() of one value: NaN)
+            "val/num_eos_tokens": (responses == eos_id).sum().item(),  # this process's, as TRL logs it
             **ratio_diagnostics(gathered["diag_new"], gathered["diag_old"], gathered["diag_mask"].bool(),
                                 args.cliprange),
             "lr": scheduler.get_last_lr()[0],
@@ -860,6 +861,8 @@ def main(args: Args) -> None:
                 if samples:
                     metrics["samples"] = wandb.Table(columns=["query", "response", "score"], data=samples)
                 wandb.log(metrics, step=update)
+
+        scheduler.step()  # after logging: `lr` is the rate this update trained with, as TRL logs it
 
         # 5. Checkpoint: every --save-every updates, at the end, and after a stop signal reached any process (then
         #    all processes stop after this same update).

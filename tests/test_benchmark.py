@@ -69,10 +69,14 @@ def test_win_rate_interval_arithmetic():
     assert compare_runs.cell("gold win rate 95% CI", seeds[:1]) == "[0.350, 0.450]"  # one run: its own interval
 
 
-def dry_run(script, **env):
+def dry_run_result(script, **env):
     env = {**os.environ, "DRY_RUN": "1", "RUNS": "/nonexistent", "RESULTS": "/nonexistent", "MODEL": "tiny",
            "DTYPE": "bf16", "EPISODES": "6400", **env}
-    result = subprocess.run(["bash", os.path.join(ROOT, "benchmark", script)], capture_output=True, text=True, env=env)
+    return subprocess.run(["bash", os.path.join(ROOT, "benchmark", script)], capture_output=True, text=True, env=env)
+
+
+def dry_run(script, **env):
+    result = dry_run_result(script, **env)
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
     runs = [c for c in commands if " rloo.py " in c or " ppo.py " in c]
@@ -114,30 +118,87 @@ def test_tiny_benchmark_smoke_run_writes_the_table(tmp_path):
     assert rerun.returncode == 0 and rerun.stdout.count("(finished)") == 3
 
 
+# The recipes' global batches, completions per update: TRL's RLOO TL;DR command (docs/source/rloo_trainer.md of TRL
+# v0.11: 8 GPUs x 8 per device x 8 accumulation x 2 minibatches) and Huang et al. 2024's PPO (summarize_from_feedback_
+# details, sbatches/ppo.sbatch: 8 GPUs x 16 per device x 4 accumulation, one minibatch).
+GLOBAL_BATCH = {"rloo.py": 1024, "ppo.py": 512}
+
+
+def path_with_nvidia_smi(tmp_path, gpus):
+    """PATH with an nvidia-smi first that lists `gpus` GPUs (none: what nvidia-smi -L says on a machine without)."""
+    bin_dir = tmp_path / f"bin{gpus}"
+    bin_dir.mkdir()
+    lines = [f"echo 'GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})'" for i in range(gpus)] or [
+        "echo 'No devices were found'", "exit 6"]
+    (bin_dir / "nvidia-smi").write_text("\n".join(["#!/bin/sh", *lines]) + "\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+def launched(command):
+    """A printed training command as (launcher words, script, the script's arguments, number of processes)."""
+    words = shlex.split(command[2:])
+    at = next(i for i, word in enumerate(words) if word in ("rloo.py", "ppo.py"))
+    launcher = words[:at]
+    processes = int(launcher[launcher.index("--num_processes") + 1]) if "--num_processes" in launcher else 1
+    return launcher, words[at], words[at + 1 :], processes
+
+
 @pytest.mark.parametrize("entry,runs_expected", [("tldr_rloo.sh", 2 * 2 * 2), ("tldr_ppo.sh", 2 * 2)])
-def test_full_scale_dry_runs_print_commands_that_parse_with_each_scripts_own_arguments(entry, runs_expected):
+def test_full_scale_dry_runs_print_commands_that_parse_with_each_scripts_own_arguments(tmp_path, entry,
+                                                                                        runs_expected):
     import ppo
     import rloo
     import tyro
 
     from benchmark import judge
 
-    commands, runs = dry_run(entry, SEEDS="1 2", MODELS="pythia-1b pythia-6.9b")
-    assert len(runs) == runs_expected  # models x seeds (x k = 2, 4 for RLOO)
-    for command in commands:
-        words = shlex.split(command[2:])
-        if words[1] in ("rloo.py", "ppo.py"):
-            module = rloo if words[1] == "rloo.py" else ppo
-            args = module.parse_args(words[2:])
+    # No GPU listed: the 8-GPU recipe. NUM_GPUS=1 wins over the 2 GPUs listed: one process, the accumulation x 8.
+    for gpus_listed, num_gpus, processes in ((0, None, 8), (2, "1", 1)):
+        env = {"SEEDS": "1 2", "PYTHON": sys.executable, "PATH": path_with_nvidia_smi(tmp_path, gpus_listed)}
+        commands, runs = dry_run(entry, **env, **({"NUM_GPUS": num_gpus} if num_gpus else {}))
+        assert len(runs) == runs_expected  # models x seeds (x k = 2, 4 for RLOO)
+        models = set()
+        for command in runs:
+            launcher, script, script_args, n = launched(command)
+            module = rloo if script == "rloo.py" else ppo
+            args = module.parse_args(script_args)
+            args.world_size = n  # what the launcher starts
             module.check_args(args)  # sizes that divide, k >= 2, ...: what the script checks before it loads anything
             assert args.sft_model_path.startswith("cleanrl/EleutherAI_pythia-") and args.dtype == "bf16"
-        elif words[1] == "benchmark/judge.py":
-            assert tyro.cli(judge.Args, args=words[2:]).num_prompts == 1000
-        elif words[1] == "benchmark/compare_runs.py":
-            assert "judge win rate 95% CI" in tyro.cli(compare_runs.Args, args=words[2:]).columns
-        else:
-            assert words[:2] == ["rm", "-rf"], command
-    assert sum("judge.py" in c for c in commands) == len(runs)
+            models.add(args.model)
+            assert n == processes
+            per_update = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_mini_batches
+            assert per_update * n == args.batch_size == GLOBAL_BATCH[script], command
+            if args.model == "pythia-6.9b":  # ZeRO-3 by itself, on as many processes
+                assert launcher == ["accelerate", "launch", "--config_file", "benchmark/zero3.yaml", "--num_processes",
+                                    str(processes)], command
+            else:  # plain data parallel, or the script alone on one GPU
+                assert launcher == (["accelerate", "launch", "--num_processes", str(processes)] if processes > 1
+                                    else [sys.executable]), command
+        assert models == {"pythia-1b", "pythia-6.9b"}  # both by default
+        for command in commands:
+            words = shlex.split(command[2:])
+            if words[1] == "benchmark/judge.py":
+                assert tyro.cli(judge.Args, args=words[2:]).num_prompts == 1000
+            elif words[1] == "benchmark/compare_runs.py":
+                assert "judge win rate 95% CI" in tyro.cli(compare_runs.Args, args=words[2:]).columns
+            else:
+                assert words[:2] == ["rm", "-rf"] or command in runs, command
+        assert sum("judge.py" in c for c in commands) == len(runs)
+
+
+def test_full_scale_dry_run_counts_the_gpus_nvidia_smi_lists_and_refuses_a_count_that_does_not_divide(tmp_path):
+    path = path_with_nvidia_smi(tmp_path, 2)
+    _, runs = dry_run("tldr_rloo.sh", PATH=path, PYTHON=sys.executable, MODELS="pythia-1b")
+    assert [launched(c)[0] for c in runs] == [["accelerate", "launch", "--num_processes", "2"]] * 2
+    assert all("--gradient-accumulation-steps 16 " in c for c in runs)  # 1024 / (16 per device x 2 minibatches x 2)
+    # 3 processes: 1024 / (16 x 2 x 3) is no whole number. Refused in one line, before any command is printed.
+    for env in ({"NUM_GPUS": "3"}, {"NUM_GPUS": "0"}, {"NUM_GPUS": "two"},
+                {"NUM_GPUS": "2", "LAUNCHER": "accelerate launch --num_processes 4"}):
+        result = dry_run_result("tldr_rloo.sh", PATH=path, PYTHON=sys.executable, **env)
+        assert result.returncode != 0 and "+ " not in result.stdout, env
+        assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_compare_runs_reads_the_llm_judges_result(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from conftest import DIAG_METRICS, TRL_METRICS, pythia_flags, read_metrics, run_script
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from ppo import clipped_value_loss, compute_gae, masked_whiten, token_rewards
+from ppo import clipped_value_loss, compute_gae, masked_whiten, token_rewards, value_positions
 
 
 def slow_gae(rewards, values, gamma, lam):
@@ -45,15 +45,25 @@ def test_gae_with_zero_padding_equals_gae_on_the_unpadded_completion():
     assert torch.allclose(padded[:, :3], unpadded) and padded[:, 3:].abs().max() == 0
 
 
-def test_score_lands_on_the_last_real_token_not_on_padding():
-    # Row 0 ends with EOS at index 2 (then padding); row 1 never ended: its last token is index 4.
-    kl = torch.tensor([[0.1, 0.2, 0.3, 9.0, 9.0], [0.1, 0.1, 0.1, 0.1, 0.1]])
-    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
-    rewards = token_rewards(torch.tensor([1.0, -1.0]), kl, mask, kl_coef=0.5)
-    assert rewards[0].tolist() == pytest.approx([-0.05, -0.1, 1.0 - 0.15, 0.0, 0.0])
+def test_score_lands_one_position_after_the_eos_token_as_trl_places_it():
+    # Row 0 ends with EOS at index 2: the score comes at index 3, the state after the EOS (TRL's and Huang et al.'s
+    # first padding position), whose value is read at the EOS token. Row 1 never ended and row 2's EOS is in the
+    # last column: no position is left after them, so the score comes on their last token.
+    kl = torch.tensor([[0.1, 0.2, 0.3, 9.0, 9.0], [0.1] * 5, [0.2] * 5])
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5, [True] * 5])
+    rewards = token_rewards(torch.tensor([1.0, -1.0, 2.0]), kl, mask, kl_coef=0.5)
+    assert rewards[0].tolist() == pytest.approx([-0.05, -0.1, -0.15, 1.0, 0.0])
     assert rewards[1].tolist() == pytest.approx([-0.05, -0.05, -0.05, -0.05, -1.0 - 0.05])
+    assert rewards[2].tolist() == pytest.approx([-0.1, -0.1, -0.1, -0.1, 2.0 - 0.1])
     # Summed over the completion, the per-token rewards are the completion's RLHF reward (as rloo.py forms it).
-    assert rewards.sum(1).tolist() == pytest.approx([1.0 - 0.5 * 0.6, -1.0 - 0.5 * 0.5])
+    assert rewards.sum(1).tolist() == pytest.approx([1.0 - 0.5 * 0.6, -1.0 - 0.5 * 0.5, 2.0 - 0.5 * 1.0])
+    values_at = value_positions(mask)
+    assert values_at.tolist() == [[True, True, True, True, False], [True] * 5, [True] * 5]
+    # So GAE bootstraps the EOS token from the value after it and weights the score by gamma * lambda there.
+    values = torch.tensor([[0.5, 0.6, 0.7, 0.9, 0.0]])
+    advantages, _ = compute_gae(rewards[:1], values, gamma=1.0, lam=0.95)
+    assert advantages[0, 3].item() == pytest.approx(1.0 - 0.9)
+    assert advantages[0, 2].item() == pytest.approx(-0.15 + 0.9 - 0.7 + 0.95 * (1.0 - 0.9))
 
 
 def test_value_loss_clips_around_the_rollout_value():
@@ -80,10 +90,10 @@ def test_masked_whiten_uses_only_valid_entries():
 
 def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     output_dir = tmp_path / "run"
-    result = run_script("ppo.py", *pythia_flags(pythia_like, output_dir, "--total-episodes", "32"))
+    result = run_script("ppo.py", *pythia_flags(pythia_like, output_dir, "--total-episodes", "16"))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(output_dir)
-    assert [m["update"] for m in metrics] == [1, 2]  # 32 episodes / (4 x 2 x 2 minibatches)
+    assert [m["update"] for m in metrics] == [1, 2]  # 16 episodes / (4 x 2 x 1 minibatch, as Huang et al. and TRL)
     for name in TRL_METRICS + DIAG_METRICS + ["loss/value_avg", "val/clipfrac_avg", "val/explained_variance"]:
         assert all(torch.isfinite(torch.tensor(float(m[name]))) for m in metrics), name
     assert metrics[0]["objective/kl"] == 0.0

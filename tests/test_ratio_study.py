@@ -78,7 +78,11 @@ def test_benchmark_runs_the_pythia_code_path_and_writes_tables(pythia_like, tmp_
     saved = json.load(open(output))
     rows = {(r["precision"], r["comparison"]): r for r in saved["rows"]}
     assert len(rows) == 2 * len(ratio_diagnostics.COMPARISONS)
-    assert rows["fp32", "forward (a separate pass)"]["ratio_token_std"] == 0.0
+    # Two passes over other batches (shuffled training minibatches vs rollout chunks): equal only up to how the CPU's
+    # kernels round each batch shape (exactly on some CPUs, std 1e-7 on an AVX512 one), hence a tolerance.
+    forward = rows["fp32", "forward (a separate pass)"]
+    assert forward["ratio_token_std"] < 1e-5, forward
+    assert 1 - 1e-4 < forward["ratio_token_min"] <= forward["ratio_token_max"] < 1 + 1e-4, forward
     assert rows["bf16-weights", "(d) the policy in fp32 vs in the precision"]["ratio_token_std"] > 0
     assert "| bf16-weights | generate |" in result.stdout and saved["markdown"] in result.stdout
     assert saved["settings"]["response_length"] == 12 and saved["settings"]["temperature"] == 0.7

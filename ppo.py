@@ -1,10 +1,11 @@
 """PPO for RLHF, in one file.
 
 The policy samples one completion per prompt; every token is an action. Each token's reward is
--kl_coef times its KL to the frozen reference policy, and the reward model's score is added on the last
-token of the completion. A value model (a 4th model, initialised from the reward model) estimates the
-return of every prefix; advantages come from GAE, and the loss is PPO's clipped objective per token plus
-a clipped value loss (Schulman et al. 2017; Ziegler et al. 2019; Huang et al. 2024, as TRL runs it).
+-kl_coef times its KL to the frozen reference policy, and the reward model's score comes one step after
+the EOS token, in the state of the finished completion. A value model (a 4th model, initialised from the
+reward model) estimates the return of every prefix and of that state; advantages come from GAE, and the
+loss is PPO's clipped objective per token plus a clipped value loss (Schulman et al. 2017; Ziegler et al.
+2019; Huang et al. 2024, as TRL runs it: benchmark/trl_parity.py checks it against TRL 0.21).
 
     python ppo.py                       # tiny offline TL;DR world (tiny_world.py), CPU, minutes
     python ppo.py --model pythia-1b     # Huang et al. 2024 TL;DR SFT and reward models (GPU, hub)
@@ -864,8 +865,8 @@ def main(args: Args) -> None:
                     loss, clipfrac = ppo_clip_loss(new_logprobs[mask], old_logprobs[mask], advantages[idx][mask],
                                                    args.cliprange)
                     vmask = value_mask[idx]
-                    vf_loss, vf_clipfrac = clipped_value_loss(new_values[vmask], values[idx][vmask], returns[idx][vmask],
-                                                              args.cliprange_value)
+                    vf_loss, vf_clipfrac = clipped_value_loss(new_values[vmask], values[idx][vmask],
+                                                              returns[idx][vmask], args.cliprange_value)
                     # Checked before backward, inside which DeepSpeed steps (fp16's loss scaling skips such steps)
                     if args.dtype != "fp16" and not torch.isfinite(loss + vf_loss):
                         stop_non_finite(update, "loss")

@@ -36,8 +36,9 @@ import zlib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS, PAD = 0, 1  # Pythia's EOS id is 0; the pad token is a separate one, as the scripts add it
 TEMPERATURE, RESPONSE_LENGTH, PROMPTS = 0.7, 10, 8
-# name: (hidden size, layers, heads, vocabulary). "70m" is Pythia-70m's shape.
-SIZES = {"small": (32, 2, 4, 96), "70m": (512, 6, 8, 50304)}
+# name: (hidden size, layers, heads, vocabulary, learning-rate scale). "70m" is Pythia-70m's shape; its gradients are
+# larger (a near-uniform policy over 50304 tokens), so its cases run at 1/100 of the small model's learning rate.
+SIZES = {"small": (32, 2, 4, 96, 1.0), "70m": (512, 6, 8, 50304, 0.01)}
 
 # Each case runs both scripts' settings; "trl" gives TRL's own sizes where its PPOTrainer counts differently (its
 # per_device_train_batch_size x gradient_accumulation_steps is the whole batch, without num_mini_batches).
@@ -94,7 +95,7 @@ def build_world(root, size):
     from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification,
                               PreTrainedTokenizerFast)
 
-    hidden, layers, heads, vocab = SIZES[size]
+    hidden, layers, heads, vocab, _ = SIZES[size]
     words = ["<|endoftext|>", "[PAD]"] + [f"w{i}" for i in range(2, vocab)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[PAD]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -297,7 +298,8 @@ def run_ours(world, case, output):
     def at_epoch_loop(frame):
         v = frame.f_locals
         mask = v["response_mask"]
-        tensors = {"scores": v["scores"].tolist(), "kl": rows(v["kl"]), "non_score_reward": v["non_score_reward"].tolist(),
+        tensors = {"scores": v["scores"].tolist(), "kl": rows(v["kl"]),
+                   "non_score_reward": v["non_score_reward"].tolist(),
                    "rlhf_reward": v["rlhf_reward"].tolist(), "logprobs": rows(v["logprobs"], mask),
                    "ref_logprobs": rows(v["ref_logprobs"], mask), "response_mask": mask.long().tolist()}
         if rloo:
@@ -316,12 +318,14 @@ def run_ours(world, case, output):
     flags = ["--sft-model-path", world["paths"]["sft"], "--reward-model-path", world["paths"]["reward"],
              "--dataset-name", world["paths"]["prompts"], "--output-dir", os.path.join(output + ".run"),
              "--overwrite", "--dtype", "fp32", "--seed", "1", "--response-length", str(RESPONSE_LENGTH),
-             "--temperature", str(TEMPERATURE), "--stop-token", "eos", "--missing-eos-penalty", str(MISSING_EOS_PENALTY),
+             "--temperature", str(TEMPERATURE), "--stop-token", "eos",
+             "--missing-eos-penalty", str(MISSING_EOS_PENALTY),
              "--kl-coef", str(KL_COEF), "--cliprange", str(CLIPRANGE), "--num-ppo-epochs", str(case["epochs"]),
              "--num-mini-batches", str(case["minibatches"]), "--per-device-train-batch-size", str(case["per_device"]),
              "--gradient-accumulation-steps", str(case["accumulation"]), "--local-rollout-forward-batch-size",
              str(case["rollout_chunk"]), "--total-episodes", str(case["updates"] * batch), "--learning-rate",
-             str(case["lr"]), "--max-grad-norm", "1e30", "--max-prompt-length", "64", "--save-every", "1000",
+             str(case["lr"] * SIZES[world["size"]][4]), "--max-grad-norm", "1e30", "--max-prompt-length", "64",
+             "--save-every", "1000",
              *(["--rloo-k", "2"] if rloo else ["--vf-coef", "0.1", "--cliprange-value", "0.2", "--gamma", "1.0",
                                                "--lam", "0.95"])]
     args = module.parse_args(flags)
@@ -426,7 +430,8 @@ def run_trl(world, case, output):
     with tempfile.TemporaryDirectory() as output_dir:
         common = dict(output_dir=output_dir, seed=1, report_to="none", logging_steps=1, save_strategy="no",
                       push_to_hub=False, disable_tqdm=True, bf16=False, fp16=False, optim="sgd",
-                      learning_rate=case["lr"], per_device_train_batch_size=sizes["per_device"],
+                      learning_rate=case["lr"] * SIZES[world["size"]][4],
+                      per_device_train_batch_size=sizes["per_device"],
                       gradient_accumulation_steps=case["accumulation"], num_mini_batches=case["minibatches"],
                       local_rollout_forward_batch_size=case["rollout_chunk"], total_episodes=case["updates"] * batch,
                       num_ppo_epochs=case["epochs"], response_length=RESPONSE_LENGTH, stop_token="eos",
@@ -515,8 +520,8 @@ def compare(ours, theirs, ours_weights=None, theirs_weights=None, initial=None):
         logprob_sums.append(math.sqrt(sum(x * x for x in sums) / len(sums)))
         for name, value in trl["tensors"].items():
             if name == "kl":
-                note("kl / |ref_logprobs|", relative_difference(mine["tensors"][name], value,
-                                                                 math.hypot(*filter(None, flatten(trl["tensors"]["ref_logprobs"])))))
+                real = [x for x in flatten(trl["tensors"]["ref_logprobs"]) if x is not None]
+                note("kl / |ref_logprobs|", relative_difference(mine["tensors"][name], value, math.hypot(*real)))
             elif name == "non_score_reward":
                 note("non_score_reward / (kl_coef |sum ref_logprobs|)", relative_difference(
                     mine["tensors"][name], value, KL_COEF * math.hypot(*sums)))
@@ -533,7 +538,7 @@ def compare(ours, theirs, ours_weights=None, theirs_weights=None, initial=None):
             note("loss (value), every micro-batch", relative_difference(mine["value"], trl["value"]))
     for mine, trl in zip(ours["steps"], theirs["steps"]):
         note("gradient norm, every step", relative_difference(mine["norm"], trl["norm"]))
-        note("gradient projection, every step", abs(mine["projection"] - trl["projection"]) / trl["norm"])
+        note("gradient projection, every step", abs(mine["projection"] - trl["projection"]) / max(trl["norm"], 1e-12))
         note("gradient norm per tensor, every step", max(relative_difference(mine["per_tensor"].get(n, math.inf), v)
                                                           for n, v in trl["per_tensor"].items()))
     names = METRICS + (PPO_METRICS if "value" in (theirs["losses"] or [{}])[0] else ())
@@ -555,20 +560,25 @@ def compare(ours, theirs, ours_weights=None, theirs_weights=None, initial=None):
     if len(ours["metrics"]) != len(theirs["metrics"]):
         note("number of logged updates", math.inf)
     if ours_weights is not None:
-        change_difference = change = 0.0
+        difference = change = size = 0.0
         for name, start in initial.items():
             if name not in theirs_weights or name not in ours_weights:
                 return {**table, f"final weights ({name} missing)": math.inf}
-            change_difference += (ours_weights[name] - theirs_weights[name]).double().pow(2).sum().item()
+            difference += (ours_weights[name] - theirs_weights[name]).double().pow(2).sum().item()
             change += (theirs_weights[name].double() - start.double()).pow(2).sum().item()
-        note("final weights (their change)", math.sqrt(change_difference / change) if change else math.inf)
+            size += theirs_weights[name].double().pow(2).sum().item()
+        # A step moves a weight by a small fraction of its size, so one fp32 rounding of a stored weight (one ulp,
+        # where the two gradients differ in their last bits) is a visible fraction of that weight's change.
+        note("final weights / their change", math.sqrt(difference / change) if change else math.inf)
+        note("final weights / |weights|", math.sqrt(difference / size))
     return table
 
 
 def initial_weights(world, script):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    policy = {canonical(k): v for k, v in AutoModelForCausalLM.from_pretrained(world["paths"]["sft"]).named_parameters()}
+    policy = AutoModelForCausalLM.from_pretrained(world["paths"]["sft"])
+    policy = {canonical(k): v for k, v in policy.named_parameters()}
     if script == "rloo":
         return {k: v.detach() for k, v in policy.items()}
     value = AutoModelForSequenceClassification.from_pretrained(world["paths"]["reward"], num_labels=1)

@@ -17,6 +17,7 @@ loss is PPO's clipped objective per token plus a clipped value loss (Schulman et
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -61,8 +62,9 @@ class Args:
     none)"""
     overwrite: bool = False
     """replace the run in --output-dir (without it or --resume, a directory holding a run is never touched)"""
-    debug: bool = False
-    """show the traceback of an unexpected error instead of its one-line message"""
+    resume_anyway: bool = False
+    """with --resume: continue a run that another script, or an earlier version of this one, made (the run then
+    goes on with this code)"""
     track: bool = False
     """log to Weights & Biases (WANDB_MODE=offline works without an account)"""
     wandb_project_name: str = "rlhf-reference"
@@ -219,7 +221,8 @@ def check_args(args: Args) -> None:
     args.mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     args.batch_size = args.mini_batch_size * args.num_mini_batches
     args.local_batch_size = args.batch_size // args.world_size
-    args.num_updates = args.total_episodes // args.batch_size if args.batch_size > 0 else 0
+    # Rounded up, as TRL's num_total_batches: at least --total-episodes completions (and the LR decays over them)
+    args.num_updates = -(-args.total_episodes // args.batch_size) if args.batch_size > 0 else 0
     sizes = (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_mini_batches,
              args.num_ppo_epochs, args.local_rollout_forward_batch_size)
     problems = [
@@ -230,8 +233,7 @@ def check_args(args: Args) -> None:
         (not args.learning_rate >= 0, f"--learning-rate must be >= 0 (got {args.learning_rate})"),
         (not args.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {args.max_grad_norm})"),
         (not args.kl_coef >= 0, f"--kl-coef must be >= 0 (got {args.kl_coef})"),
-        (args.num_updates < 1, f"--total-episodes {args.total_episodes} is less than one update "
-         f"of {args.batch_size} completions"),
+        (args.total_episodes < 1, f"--total-episodes must be >= 1 (got {args.total_episodes})"),
         (not min(args.cliprange, args.cliprange_value) > 0, "--cliprange and --cliprange-value must be > 0"),
         (not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1), "--gamma and --lam must be within [0, 1]"),
         (not args.vf_coef >= 0, f"--vf-coef must be >= 0 (got {args.vf_coef})"),
@@ -336,12 +338,26 @@ def forward(model, query_responses, attention_mask, **kwargs):
                  **kwargs)
 
 
-def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
-    """(B, R) logprobs of the response tokens: the logits at position t predict token t + 1. Only the positions that
-    predict a response token go through the output layer, a small model's largest matmul (50304 x hidden)."""
+class PolicyOutput(NamedTuple):
+    """What the training pass gives the loss: (B, R) logprobs of the sampled tokens, and the (B, R, V) logits they
+    come from (before the temperature), for a term that needs the whole distribution (an entropy, a full KL)."""
+
+    logprobs: torch.Tensor
+    logits: torch.Tensor
+    values: Optional[torch.Tensor] = None  # (B, R) the value model's (PolicyAndValue's pass)
+
+
+def policy_forward(model, query_responses, attention_mask, context_length, temperature) -> PolicyOutput:
+    """The policy's pass over query + response: the logits at position t predict token t + 1. Only the positions
+    that predict a response token go through the output layer, a small model's largest matmul (50304 x hidden)."""
     predicting = torch.arange(context_length - 1, query_responses.shape[1] - 1, device=query_responses.device)
     logits = forward(model, query_responses, attention_mask, logits_to_keep=predicting).logits
-    return logprobs_from_logits(logits, query_responses[:, context_length:], temperature)
+    return PolicyOutput(logprobs_from_logits(logits, query_responses[:, context_length:], temperature), logits)
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
+    """(B, R) logprobs of the response tokens, for the passes that train nothing (reference, rollout)."""
+    return policy_forward(model, query_responses, attention_mask, context_length, temperature).logprobs
 
 
 def sample(model, queries, pad_id, stop_id, max_tokens, temperature):
@@ -413,9 +429,10 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
-    def forward(self, query_responses, attention_mask, context_length, temperature):
-        return (response_logprobs(self.policy, query_responses, attention_mask, context_length, temperature),
-                response_values(self.value_model, query_responses, attention_mask, context_length))
+    def forward(self, query_responses, attention_mask, context_length, temperature) -> PolicyOutput:
+        output = policy_forward(self.policy, query_responses, attention_mask, context_length, temperature)
+        values = response_values(self.value_model, query_responses, attention_mask, context_length)
+        return output._replace(values=values)
 
 
 def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
@@ -440,10 +457,31 @@ def saved_checkpoints(output_dir):
     return [os.path.join(root, n) for n in sorted(names) if n.startswith("update_") and n[7:].isdigit()]
 
 
+# The run records which code made it (args.json): --resume continues only a run of this very source.
+SCRIPT = os.path.basename(__file__)
+SCRIPT_SHA256 = hashlib.sha256(open(__file__, "rb").read()).hexdigest()
+
+
+def logged_updates(metrics_path):
+    """(line, update) for each complete line of a run's metrics.jsonl; a damaged line stops the run, naming it."""
+    logged = []
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.endswith("\n"):  # the last line, cut off by a crash: it is redone
+                    continue
+                try:
+                    logged.append((line, int(json.loads(line)["update"])))
+                except (ValueError, KeyError, TypeError) as error:
+                    sys.exit(f"error: line {number} of {metrics_path} is damaged ({type(error).__name__}); repair or "
+                             "delete that line, then run again")
+    return logged
+
+
 # Settings that change how a run is run (where it logs, how often it saves, memory for compute), not what it computes:
 # a resumed run may change them. Every other setting must be the same as the interrupted run's.
 RUN_ONLY_SETTINGS = {"exp_name", "output_dir", "track", "wandb_project_name", "wandb_entity", "save_every",
-                     "keep_checkpoints", "resume", "overwrite", "debug", "num_sample_generations",
+                     "keep_checkpoints", "resume", "overwrite", "resume_anyway", "num_sample_generations",
                      "gradient_checkpointing"}
 DERIVED_SETTINGS = {"batch_size", "local_batch_size", "mini_batch_size", "num_updates"}  # follow from the others
 
@@ -549,18 +587,27 @@ def main(args: Args) -> None:
         if not (args.resume or args.overwrite):
             sys.exit(f"error: --output-dir {args.output_dir!r} is not empty; pass --resume to continue the run in it, "
                      "--overwrite to replace it, or choose another directory")
-        if saved.keys() != dataclasses.asdict(args).keys():  # not a run of this very script
-            sys.exit(f"error: --output-dir {args.output_dir!r} holds no run of {os.path.basename(__file__)} (no "
-                     "args.json of its own), so --resume and --overwrite leave it alone; choose another directory")
+        if "script" not in saved:
+            sys.exit(f"error: --output-dir {args.output_dir!r} holds no run (no args.json naming its script), so "
+                     "--resume and --overwrite leave it alone; choose another directory")
+        if saved["script"] != SCRIPT and not (args.resume and args.resume_anyway):
+            sys.exit(f"error: --output-dir {args.output_dir!r} holds a run of {saved['script']}, not of {SCRIPT}; "
+                     "choose another directory" + (f" (or --resume-anyway to continue it with {SCRIPT})" * args.resume))
+        if args.resume and saved["script_sha256"] != SCRIPT_SHA256 and not args.resume_anyway:
+            sys.exit(f"error: {SCRIPT} has changed since it made the run in {args.output_dir!r} (source sha256 "
+                     f"{saved['script_sha256'][:12]} -> {SCRIPT_SHA256[:12]}); pass --resume-anyway to continue it "
+                     "with the code as it is now")
         if args.resume and not checkpoint and os.path.exists(os.path.join(args.output_dir, "model.safetensors")):
             sys.exit(f"error: --output-dir {args.output_dir!r} holds a finished run without checkpoints, so there is "
                      "nothing to resume; pass --overwrite to train it again")
-    if args.resume and saved:
-        changed = [f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {saved.get(k)} -> {v}"
+    if args.resume and saved:  # (settings a fork added or removed cannot be compared)
+        changed = [f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {saved[k]} -> {v}"
                    for k, v in dataclasses.asdict(args).items()
-                   if k not in RUN_ONLY_SETTINGS | DERIVED_SETTINGS and saved.get(k) != v]
+                   if k not in RUN_ONLY_SETTINGS | DERIVED_SETTINGS and k in saved and saved[k] != v]
         if changed:
             sys.exit(f"error: --resume needs the interrupted run's settings (its args.json), but {', '.join(changed)}")
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    logged = logged_updates(metrics_path) if args.resume else []
     accelerator.wait_for_everyone()  # every process has checked before the main one writes anything
 
     # Seeding: sampling and minibatch order use the global generators, seeded per process so that processes
@@ -591,11 +638,18 @@ def main(args: Args) -> None:
     if args.prompt_column not in dataset.column_names:
         sys.exit(f"error: the dataset has no column {args.prompt_column!r} (it has {dataset.column_names}); "
                  "set --prompt-column")
-    prompts = [ids for ids in tokenizer(list(dataset[args.prompt_column]), add_special_tokens=False)["input_ids"]
-               if len(ids) <= args.max_prompt_length]
+    texts = dataset[args.prompt_column]
+    not_text = next((row for row, text in enumerate(texts) if not isinstance(text, str)), None)
+    if not_text is not None:
+        sys.exit(f"error: row {not_text} of the dataset's column {args.prompt_column!r} is {texts[not_text]!r}, not "
+                 "text; fix that row or set --prompt-column")
+    tokenized = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    prompts = [ids for ids in tokenized if 0 < len(ids) <= args.max_prompt_length]
     if len(prompts) < len(dataset):
-        accelerator.print(f"dropped {len(dataset) - len(prompts)} of {len(dataset)} prompts longer than "
-                          f"--max-prompt-length {args.max_prompt_length}")
+        empty = sum(1 for ids in tokenized if not ids)
+        accelerator.print(f"dropped {len(dataset) - len(prompts)} of {len(dataset)} prompts: {empty} empty, "
+                          f"{len(dataset) - len(prompts) - empty} longer than --max-prompt-length "
+                          f"{args.max_prompt_length}")
     prompts_per_update = args.batch_size  # over all processes: each takes its own slice
     local_prompts = args.local_batch_size
     if len(prompts) < prompts_per_update:
@@ -651,9 +705,12 @@ def main(args: Args) -> None:
     if positions and longest + args.response_length > positions:
         sys.exit(f"error: the longest prompt ({longest} tokens) + --response-length {args.response_length} exceed the "
                  f"policy's {positions} positions; lower --max-prompt-length or --response-length")
-    if len(tokenizer) > policy.get_input_embeddings().num_embeddings:
-        sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the policy's embeddings; "
-                 "use a tokenizer that matches --sft-model-path")
+    for model, flag in ((policy, "--sft-model-path"), (reward_model, "--reward-model-path"),
+                        (value_model, "--value-model-path")):
+        embeddings = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > embeddings:  # a token id past the table fails only mid-rollout (on a GPU, an assert)
+            sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the {embeddings} embeddings of the "
+                     f"model at {flag}; use a tokenizer and models that match")
     if args.gradient_checkpointing:
         for model in (policy, value_model):
             checkpoint_layers(model)
@@ -701,7 +758,11 @@ def main(args: Args) -> None:
     # the prompt order is replayed from the seed, so the run goes on as if it had never stopped.
     first_update = 1
     if checkpoint:
-        accelerator.load_state(checkpoint)
+        try:
+            accelerator.load_state(checkpoint)
+        except Exception as error:  # noqa: BLE001 (a checkpoint damaged on disk: whatever torch raises, say which)
+            sys.exit(f"error: cannot load the checkpoint {checkpoint} ({type(error).__name__}: "
+                     f"{(str(error).splitlines() or [''])[0]}); delete it to resume from the one before")
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
             first_update = json.load(f)["update"] + 1
         accelerator.print(f"resuming {args.output_dir} after update {first_update - 1} ({checkpoint})")
@@ -733,14 +794,11 @@ def main(args: Args) -> None:
             shutil.rmtree(args.output_dir, ignore_errors=True)
         os.makedirs(args.output_dir, exist_ok=True)
         with open(saved_args_path, "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+            json.dump({**dataclasses.asdict(args), "script": SCRIPT, "script_sha256": SCRIPT_SHA256}, f, indent=2)
         # A resumed run drops the lines logged after its checkpoint: those updates are done again.
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                kept = [line for line in f if line.endswith("\n") and json.loads(line)["update"] < first_update]
             with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(kept)
+                f.writelines(line for line, logged_update in logged if logged_update < first_update)
             os.replace(metrics_path + ".tmp", metrics_path)
         metrics_file = open(metrics_path, "a")
     if args.track and is_main:
@@ -768,6 +826,16 @@ def main(args: Args) -> None:
     # run with autograd and trained on in the first epoch (exact, and one forward fewer per update).
     train_on_rollout_forward = (args.num_mini_batches == 1 and args.gradient_accumulation_steps == 1
                                 and args.local_rollout_forward_batch_size >= args.local_batch_size)
+
+    def training_forward(idx, epoch) -> PolicyOutput:
+        """The training pass over this update's completions idx, with autograd (DDP synchronises the gradients at a
+        minibatch's last micro-batch). In the first epoch with train_on_rollout_forward, it is the rollout's own
+        pass, kept: the same computation on the same weights, one forward fewer."""
+        if epoch == 0 and train_on_rollout_forward:
+            return PolicyOutput(*(tensor[idx] for tensor in kept_forward))
+        with autocast(), accelerator.accumulate(policy_and_value), timed(seconds, "forward"):
+            return policy_and_value(query_responses[idx], attention_masks[idx], context_length, temperature)
+
     batches = prompt_batches(skip=first_update - 1)
     start_time = time.time()
     for update in range(first_update, args.num_updates + 1):
@@ -776,43 +844,44 @@ def main(args: Args) -> None:
         # 1. Rollout: one completion per prompt, with the value of every state along it.
         queries = next(batches).to(device)  # (B, Tq)
         context_length = queries.shape[1]
-        responses, response_masks, logprobs, ref_logprobs, scores, values = [], [], [], [], [], []
+        responses, response_mask, logprobs, ref_logprobs, scores, values = [], [], [], [], [], []  # one per chunk
         with torch.no_grad(), autocast():
-            for i in range(0, len(queries), args.local_rollout_forward_batch_size):
-                query = queries[i : i + args.local_rollout_forward_batch_size]
+            for i in range(0, len(queries), args.local_rollout_forward_batch_size):  # chunk_*: this chunk's rows
+                chunk_queries = queries[i : i + args.local_rollout_forward_batch_size]
                 with whole_policy(), timed(seconds, "generation"):
-                    response, response_mask, sampled_logprob = sample(unwrapped_policy, query, pad_id, stop_id,
-                                                                      args.response_length, temperature)  # (b, R)
-                attention_mask = torch.cat([query != pad_id, response_mask], 1)
-                query_response = torch.cat([query, response], 1)
-                last_index = context_length + response_mask.sum(1) - 1
-                if not torch.isfinite(sampled_logprob).all():  # NaN logits would be sampled as the last token
+                    chunk_responses, chunk_mask, sampled_logprobs = sample(
+                        unwrapped_policy, chunk_queries, pad_id, stop_id, args.response_length, temperature)  # (b, R)
+                chunk_attention_mask = torch.cat([chunk_queries != pad_id, chunk_mask], 1)
+                chunk_query_responses = torch.cat([chunk_queries, chunk_responses], 1)
+                chunk_last_index = context_length + chunk_mask.sum(1) - 1
+                if not torch.isfinite(sampled_logprobs).all():  # NaN logits would be sampled as the last token
                     stop_non_finite(update, "logits in sampling")
                 with timed(seconds, "forward"):
                     # The frozen models first, so that a policy graph kept for training never waits beside them.
-                    ref_logprob = response_logprobs(ref_policy, query_response, attention_mask, context_length,
-                                                    temperature)
-                    score = reward_scores(reward_model, query_response, attention_mask, last_index)
+                    chunk_ref_logprobs = response_logprobs(ref_policy, chunk_query_responses, chunk_attention_mask,
+                                                           context_length, temperature)
+                    chunk_scores = reward_scores(reward_model, chunk_query_responses, chunk_attention_mask,
+                                                 chunk_last_index)
                     # The training pass's own forward gives the sampling policy's logprobs and the values (under
                     # ZeRO-3 it gathers each layer in turn); the `generate` source then swaps in the sampling pass's.
-                    if train_on_rollout_forward:
+                    if train_on_rollout_forward:  # the first epoch's training pass, kept (see training_forward)
                         with torch.enable_grad(), accelerator.accumulate(policy_and_value):
-                            rollout_logprobs, rollout_values = policy_and_value(query_response, attention_mask,
-                                                                                context_length, temperature)
-                        logprob, value = rollout_logprobs.detach(), rollout_values.detach()
+                            kept_forward = policy_and_value(chunk_query_responses, chunk_attention_mask,
+                                                            context_length, temperature)
+                        chunk_logprobs, chunk_values = kept_forward.logprobs.detach(), kept_forward.values.detach()
                     else:
-                        logprob, value = unwrapped_policy_and_value(query_response, attention_mask, context_length,
-                                                                    temperature)
+                        chunk_logprobs, _, chunk_values = unwrapped_policy_and_value(
+                            chunk_query_responses, chunk_attention_mask, context_length, temperature)
                     if args.old_logprobs == "generate":
-                        logprob = sampled_logprob
-                responses.append(response)
-                response_masks.append(response_mask)
-                logprobs.append(logprob.masked_fill(~response_mask, 0.0))
-                ref_logprobs.append(ref_logprob.masked_fill(~response_mask, 0.0))
-                scores.append(score)
-                values.append(value)
+                        chunk_logprobs = sampled_logprobs
+                responses.append(chunk_responses)
+                response_mask.append(chunk_mask)
+                logprobs.append(chunk_logprobs.masked_fill(~chunk_mask, 0.0))
+                ref_logprobs.append(chunk_ref_logprobs.masked_fill(~chunk_mask, 0.0))
+                scores.append(chunk_scores)
+                values.append(chunk_values)
         responses, response_mask, logprobs, ref_logprobs, scores, values = map(
-            torch.cat, (responses, response_masks, logprobs, ref_logprobs, scores, values))  # (B, R), scores (B,)
+            torch.cat, (responses, response_mask, logprobs, ref_logprobs, scores, values))  # (B, R), scores (B,)
         value_mask = value_positions(response_mask)
         values = values.masked_fill(~value_mask, 0.0)
         query_responses = torch.cat([queries, responses], 1)
@@ -847,14 +916,8 @@ def main(args: Args) -> None:
             for mb_start in range(0, args.local_batch_size, local_mini_batch_size):
                 for micro_start in range(mb_start, mb_start + local_mini_batch_size, args.per_device_train_batch_size):
                     idx = order[micro_start : micro_start + args.per_device_train_batch_size]
-                    # DDP syncs at the last micro-batch
-                    if epoch == 0 and train_on_rollout_forward:
-                        new_logprobs, new_values = rollout_logprobs[idx], rollout_values[idx]  # (idx: all, shuffled)
-                    else:
-                        with autocast(), accelerator.accumulate(policy_and_value), timed(seconds, "forward"):
-                            new_logprobs, new_values = policy_and_value(query_responses[idx], attention_masks[idx],
-                                                                        context_length, temperature)
-                    new_logprobs = new_logprobs.masked_fill(~response_mask[idx], 0.0)
+                    output = training_forward(idx, epoch)  # everything the loss below may use
+                    new_logprobs, new_values = output.logprobs.masked_fill(~response_mask[idx], 0.0), output.values
                     first_minibatch = epoch == 0 and mb_start == 0
                     old_logprobs = logprobs[idx]
                     if first_minibatch and args.old_logprobs == "forward":
@@ -986,11 +1049,6 @@ def main(args: Args) -> None:
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, stop_after_this_update)
     signal.signal(signal.SIGTERM, stop_after_this_update)
-    args = parse_args()
-    try:
-        main(args)
-    except Exception as error:  # the foreseen mistakes exit with their own message; anything else, one line too
-        if args.debug:
-            raise
-        sys.exit(f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
-                 "(--debug shows the traceback)")
+    # Foreseeable mistakes (a flag, a path, a column, a value) exit with a one-line message where they are checked;
+    # anything else keeps Python's traceback, so that a bug in a fork shows its line.
+    main(parse_args())

@@ -48,16 +48,16 @@ def test_first_minibatch_ratio_is_one_even_when_the_rollout_forward_disagrees(mo
     # depend on the batch shape. Make the rollout pass disagree, as such kernels would: the first minibatch must
     # still see a ratio of exactly 1 (its old logprobs are its own forward), and only later minibatches may not.
     module = importlib.import_module(script)
-    exact = module.response_logprobs
+    exact = module.policy_forward
     noise = torch.Generator().manual_seed(0)
 
     def rollout_disagrees(*args, **kwargs):
-        logprobs = exact(*args, **kwargs)
+        output = exact(*args, **kwargs)
         if torch.is_grad_enabled():
-            return logprobs
-        return logprobs + 1e-3 * torch.randn(logprobs.shape, generator=noise)
+            return output
+        return output._replace(logprobs=output.logprobs + 1e-3 * torch.randn(output.logprobs.shape, generator=noise))
 
-    monkeypatch.setattr(module, "response_logprobs", rollout_disagrees)
+    monkeypatch.setattr(module, "policy_forward", rollout_disagrees)
     output_dir = tmp_path / "run"
     # Learning rate 0: the policy never moves, so any ratio off 1 is the rollout pass's disagreement.
     module.main(module.parse_args(["--total-episodes", "256", "--num-mini-batches", "2", "--num-ppo-epochs", "1",

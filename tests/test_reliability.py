@@ -124,13 +124,14 @@ def test_an_existing_run_is_never_silently_replaced(tmp_path, uninterrupted):
     (not_a_run / "thesis.tex").write_text("precious")
     for flag in ("--overwrite", "--resume"):
         result = run_script("rloo.py", "--output-dir", str(not_a_run), flag)
-        assert result.returncode != 0 and "holds no run of rloo.py (no args.json of its own)" in result.stderr
+        assert result.returncode != 0 and "holds no run (no args.json naming its script)" in result.stderr
         assert os.listdir(not_a_run) == ["thesis.tex"] and (not_a_run / "thesis.tex").read_text() == "precious"
     # Nor does rloo.py take over a run of ppo.py.
     result = run_script("ppo.py", "--total-episodes", "64", "--output-dir", str(tmp_path / "ppo_run"))
     assert result.returncode == 0, result.stderr[-2000:]
-    result = run_script("rloo.py", "--output-dir", str(tmp_path / "ppo_run"), "--overwrite")
-    assert result.returncode != 0 and "holds no run of rloo.py" in result.stderr
+    for flag in ("--overwrite", "--resume"):
+        result = run_script("rloo.py", "--output-dir", str(tmp_path / "ppo_run"), flag)
+        assert result.returncode != 0 and "holds a run of ppo.py, not of rloo.py" in result.stderr
     assert (tmp_path / "ppo_run" / "value_model").exists()
     result = run_script("rloo.py", "--resume")
     assert result.returncode != 0 and "--resume needs --output-dir" in result.stderr
@@ -142,16 +143,52 @@ def test_an_existing_run_is_never_silently_replaced(tmp_path, uninterrupted):
     assert result.returncode == 0 and "after update 1" in result.stdout and len(read_metrics(run)) == 1
 
 
-def test_a_corrupt_checkpoint_gets_one_line_and_debug_shows_the_traceback(tmp_path, uninterrupted):
+def test_a_corrupt_checkpoint_or_metrics_line_gets_one_line_naming_it(tmp_path, uninterrupted):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted("rloo"), run)
     newest = run / "checkpoints" / checkpoints(run)[-1]
     (newest / "optimizer.bin").write_bytes(b"not a pickle")
     result = run_script("rloo.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "--debug" in result.stderr
-    result = run_script("rloo.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume", "--debug")
-    assert result.returncode != 0 and "Traceback" in result.stderr
+    assert f"cannot load the checkpoint {newest}" in result.stderr.strip().splitlines()[-1]
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = '{"update": 2, "objective/kl"\n'  # a line damaged on disk
+    (run / "metrics.jsonl").write_text("".join(lines))
+    result = run_script("rloo.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"line 2 of {run / 'metrics.jsonl'} is damaged" in result.stderr.strip().splitlines()[-1]
+    assert (run / "metrics.jsonl").read_text() == "".join(lines)
+
+
+def run_copy(source, directory, *flags):
+    """A copy of a script, as a fork is, run from another directory (the project on its import path)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "rloo.py")
+    with open(path, "w") as f:
+        f.write(source)
+    return subprocess.run([sys.executable, path, *flags], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_resume_refuses_an_edited_script_unless_told_and_a_forks_bug_shows_its_traceback(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted("rloo"), run)
+    with open(os.path.join(ROOT, "rloo.py")) as f:
+        source = f.read()
+    edited = source + "\n# an idea\n"
+    result = run_copy(edited, tmp_path / "fork", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume")
+    assert result.returncode != 0 and "rloo.py has changed since it made the run" in result.stderr
+    assert "--resume-anyway" in result.stderr.strip().splitlines()[-1]
+    result = run_copy(edited, tmp_path / "fork", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume",
+                      "--resume-anyway")
+    assert result.returncode == 0 and "resuming" in result.stdout, result.stderr[-2000:]
+    # A bug in a fork is not a foreseeable mistake: Python's traceback names the fork's file and line.
+    buggy = source.replace("        advantages = rloo_advantages(rlhf_reward, args.rloo_k)\n",
+                           "        advantages = rloo_advantages(rlhf_reward, args.rloo_k) / undefined_name\n")
+    assert buggy != source
+    result = run_copy(buggy, tmp_path / "buggy", "--total-episodes", "64", "--output-dir", str(tmp_path / "b"))
+    assert result.returncode != 0 and "Traceback" in result.stderr and "NameError" in result.stderr
+    assert str(tmp_path / "buggy" / "rloo.py") in result.stderr
 
 
 def test_an_unreachable_wandb_falls_back_to_offline(tmp_path):

@@ -42,7 +42,7 @@ def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     (["--rloo-k", "1"], "--rloo-k must be at least 2"),
     (["--rloo-k", "3"], "--rloo-k 3 must divide"),
     (["--response-length", "0"], "--response-length"),
-    (["--total-episodes", "8"], "less than one update"),
+    (["--total-episodes", "0"], "--total-episodes must be >= 1"),
     (["--prompt-column", "text"], "no column 'text'"),
     (["--max-prompt-length", "2"], "prompts fit --max-prompt-length"),
     (["--save-every", "0"], "--save-every and --keep-checkpoints must be >= 1"),
@@ -59,6 +59,41 @@ def test_bad_input_gets_one_line_error_and_writes_nothing(pythia_like, tmp_path,
     assert result.returncode != 0
     assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
     assert not output_dir.exists()
+
+
+def test_bad_data_and_mismatched_models_are_named_before_anything_is_written(pythia_like, tmp_path):
+    from datasets import load_dataset
+    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    rows = load_dataset(pythia_like["dataset_name"], split="train").to_list()
+
+    def with_prompts(name, prompts):
+        directory = tmp_path / name
+        directory.mkdir()
+        with open(directory / "train.jsonl", "w") as f:
+            for row, prompt in zip(rows, prompts):
+                f.write(json.dumps({"prompt": prompt, "id": row["id"]}) + "\n")
+        return str(directory)
+
+    def run(output_dir, *flags):
+        return run_script("rloo.py", *pythia_flags(pythia_like, output_dir, "--total-episodes", "16", *flags))
+
+    # Empty prompts are dropped and counted, as long ones are.
+    texts = [row["prompt"] for row in rows]
+    result = run(tmp_path / "empty", "--dataset-name", with_prompts("empty_prompts", ["", ""] + texts[2:]))
+    assert result.returncode == 0 and f"dropped 2 of {len(rows)} prompts: 2 empty, 0 longer" in result.stdout
+    # A prompt that is not text is named by row and column.
+    result = run(tmp_path / "none", "--dataset-name", with_prompts("none_prompt", texts[:3] + [None] + texts[4:]))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "row 3 of the dataset's column 'prompt' is None, not text" in result.stderr.strip().splitlines()[-1]
+    # A reward model whose vocabulary is smaller than the tokenizer's is refused before the first rollout.
+    config = GPTNeoXConfig(vocab_size=5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, num_labels=1)
+    GPTNeoXForSequenceClassification(config).save_pretrained(tmp_path / "small_reward")
+    result = run(tmp_path / "vocab", "--reward-model-path", str(tmp_path / "small_reward"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "more than the 5 embeddings of the model at --reward-model-path" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "none").exists() and not (tmp_path / "vocab").exists()
 
 
 def test_missing_model_and_unknown_preset_are_refused(pythia_like, tmp_path):

@@ -471,10 +471,12 @@ def load_or_exit(load, path, what, flag):
     return model
 
 
-def main(args: Args) -> None:
+def start_processes(args: Args):
+    """One process per GPU under `accelerate launch` (or torchrun); a plain `python script.py` is one process. Fills
+    in the paths the tiny preset builds and the derived sizes, and sets DeepSpeed's config from the flags. Returns
+    (accelerator, ZeRO stage or None, DeepSpeed config or None)."""
     datasets.disable_progress_bars()  # one line per update is the progress display
     transformers.utils.logging.disable_progress_bar()
-    # One process per GPU under `accelerate launch` (or torchrun); a plain `python rloo.py` is one process.
     # Precision is --dtype's alone (autocast below), whatever an accelerate config says; a GPU or else the CPU.
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="no",
                               cpu=not torch.cuda.is_available())
@@ -482,7 +484,7 @@ def main(args: Args) -> None:
         sys.exit(f"error: {accelerator.distributed_type.name} is not supported (data parallel or DeepSpeed ZeRO only: "
                  "see the README); launch with another accelerate config")
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else None
-    args.world_size, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    args.world_size = accelerator.num_processes
     if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
         import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
 
@@ -499,6 +501,7 @@ def main(args: Args) -> None:
     if args.total_episodes % args.batch_size:
         accelerator.print(f"note: --total-episodes {args.total_episodes} is not a multiple of the {args.batch_size} "
                           f"completions per update; training on {args.num_updates * args.batch_size}")
+    ds_config = None
     if zero_stage is not None:
         # Under DeepSpeed ZeRO the flags, not the accelerate config, set the sizes, the clipping and the precision;
         # the config sets the stage and any offloading. bf16 then means bf16 weights with fp32 master weights in
@@ -510,9 +513,14 @@ def main(args: Args) -> None:
                          bf16={"enabled": args.dtype == "bf16"}, fp16={"enabled": args.dtype == "fp16"})
         ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # a loadable save
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()  # ZeRO-3's from_pretrained reads this config
+    return accelerator, zero_stage, ds_config
+
+
+def check_output_dir(args: Args, accelerator):
+    """An existing run is continued (--resume), replaced (--overwrite) or left alone, and checked before anything
+    loads or is written. Returns (the run's name, the checkpoint to resume from or None, the lines logged so far)."""
     run_name = broadcast_object_list([f"{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"])[0]
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
-    # An existing run is continued (--resume), replaced (--overwrite) or left alone, and checked before anything loads.
     checkpoint = (saved_checkpoints(args.output_dir) or [None])[-1] if args.resume else None
     saved_args_path = os.path.join(args.output_dir, "args.json")
     saved = json.load(open(saved_args_path)) if os.path.isfile(saved_args_path) else {}
@@ -544,6 +552,90 @@ def main(args: Args) -> None:
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     logged = logged_updates(metrics_path) if args.resume else []
     accelerator.wait_for_everyone()  # every process has checked before the main one writes anything
+    return run_name, checkpoint, logged
+
+
+def open_logs(args: Args, run_name, first_update, logged, is_main):
+    """On the main process: args.json (with the script and its source's hash), metrics.jsonl (a resumed run drops the
+    lines logged after its checkpoint: those updates are done again) and wandb with --track. Returns (the metrics
+    file, the wandb module), None where nothing is logged."""
+    metrics_path, saved_args_path = (os.path.join(args.output_dir, name) for name in ("metrics.jsonl", "args.json"))
+    metrics_file = None
+    if is_main:  # only the main process logs and saves
+        if args.overwrite:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(saved_args_path, "w") as f:
+            json.dump({**dataclasses.asdict(args), "script": SCRIPT, "script_sha256": SCRIPT_SHA256}, f, indent=2)
+        if os.path.exists(metrics_path):
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(line for line, logged_update in logged if logged_update < first_update)
+            os.replace(metrics_path + ".tmp", metrics_path)
+        metrics_file = open(metrics_path, "a")
+    if not (args.track and is_main):
+        return metrics_file, None
+    import wandb
+
+    # A resumed run logs to the same wandb run; an unreachable wandb falls back to offline logging.
+    id_path = os.path.join(args.output_dir, "wandb_id")
+    run_id = open(id_path).read() if os.path.exists(id_path) else None
+    wandb_kwargs = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=run_id,
+                        resume="allow", config=dataclasses.asdict(args), dir=args.output_dir)
+    try:
+        wandb.init(**wandb_kwargs)
+    except Exception as error:  # noqa: BLE001 (wandb raises many kinds; none of them should stop training)
+        print(f"wandb unreachable ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+              f"logging offline to {args.output_dir}/wandb (`wandb sync` uploads it later)")
+        wandb.init(**wandb_kwargs, mode="offline")
+    with open(id_path, "w") as f:
+        f.write(wandb.run.id)
+    return metrics_file, wandb
+
+
+def load_prompts(args: Args, tokenizer, accelerator):
+    """Every prompt of the dataset's column tokenized once, without special tokens; empty ones and those over
+    --max-prompt-length are dropped and counted."""
+    dataset = load_or_exit(lambda p: load_dataset(p, split=args.dataset_train_split), args.dataset_name,
+                           "dataset", "--dataset-name and --dataset-train-split")
+    if args.prompt_column not in dataset.column_names:
+        sys.exit(f"error: the dataset has no column {args.prompt_column!r} (it has {dataset.column_names}); "
+                 "set --prompt-column")
+    texts = dataset[args.prompt_column]
+    not_text = next((row for row, text in enumerate(texts) if not isinstance(text, str)), None)
+    if not_text is not None:
+        sys.exit(f"error: row {not_text} of the dataset's column {args.prompt_column!r} is {texts[not_text]!r}, not "
+                 "text; fix that row or set --prompt-column")
+    tokenized = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    prompts = [ids for ids in tokenized if 0 < len(ids) <= args.max_prompt_length]
+    if len(prompts) < len(dataset):
+        empty = sum(1 for ids in tokenized if not ids)
+        accelerator.print(f"dropped {len(dataset) - len(prompts)} of {len(dataset)} prompts: {empty} empty, "
+                          f"{len(dataset) - len(prompts) - empty} longer than --max-prompt-length "
+                          f"{args.max_prompt_length}")
+    return prompts
+
+
+def report(args: Args, update, metrics, samples, metrics_file, wandb):
+    """One update's metrics to metrics.jsonl, the console (a line, and the sample completions when there are some)
+    and wandb (with --track)."""
+    metrics_file.write(json.dumps({"update": update, **metrics}) + "\n")
+    metrics_file.flush()
+    print(f"update {update}/{args.num_updates}  episode {metrics['episode']}  "
+          f"scores {metrics['objective/scores']:+.3f}  rlhf_reward {metrics['objective/rlhf_reward']:+.3f}  "
+          f"kl {metrics['objective/kl']:.3f}  clipfrac {metrics['policy/clipfrac_avg']:.3f}  "
+          f"{metrics['time/update']:.2f}s", flush=True)
+    for query_text, response_text, score in samples or []:
+        print(f"    {score:+7.3f} | ...{query_text!r} -> {response_text!r}")
+    if wandb:
+        if samples:
+            metrics["samples"] = wandb.Table(columns=["query", "response", "score"], data=samples)
+        wandb.log(metrics, step=update)
+
+
+def main(args: Args) -> None:
+    accelerator, zero_stage, ds_config = start_processes(args)
+    rank, is_main = accelerator.process_index, accelerator.is_main_process
+    run_name, checkpoint, logged = check_output_dir(args, accelerator)
 
     # Seeding: sampling and minibatch order use the global generators, seeded per process so that processes
     # sample different completions; the prompt order has its own generator, the same on every process.
@@ -567,24 +659,8 @@ def main(args: Args) -> None:
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     stop_id = eos_id if args.stop_token == "eos" else None
 
-    # Data: tokenize every prompt once, drop the long ones; batches are left-padded as they are drawn.
-    dataset = load_or_exit(lambda p: load_dataset(p, split=args.dataset_train_split), args.dataset_name,
-                           "dataset", "--dataset-name and --dataset-train-split")
-    if args.prompt_column not in dataset.column_names:
-        sys.exit(f"error: the dataset has no column {args.prompt_column!r} (it has {dataset.column_names}); "
-                 "set --prompt-column")
-    texts = dataset[args.prompt_column]
-    not_text = next((row for row, text in enumerate(texts) if not isinstance(text, str)), None)
-    if not_text is not None:
-        sys.exit(f"error: row {not_text} of the dataset's column {args.prompt_column!r} is {texts[not_text]!r}, not "
-                 "text; fix that row or set --prompt-column")
-    tokenized = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    prompts = [ids for ids in tokenized if 0 < len(ids) <= args.max_prompt_length]
-    if len(prompts) < len(dataset):
-        empty = sum(1 for ids in tokenized if not ids)
-        accelerator.print(f"dropped {len(dataset) - len(prompts)} of {len(dataset)} prompts: {empty} empty, "
-                          f"{len(dataset) - len(prompts) - empty} longer than --max-prompt-length "
-                          f"{args.max_prompt_length}")
+    # Data: every prompt tokenized once; batches are left-padded as they are drawn.
+    prompts = load_prompts(args, tokenizer, accelerator)
     prompts_per_update = args.batch_size // args.rloo_k  # over all processes: each takes its own slice
     local_prompts = args.local_batch_size // args.rloo_k
     if len(prompts) < prompts_per_update:
@@ -715,35 +791,7 @@ def main(args: Args) -> None:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
 
-    metrics_file = None
-    if is_main:  # only the main process logs and saves
-        if args.overwrite:
-            shutil.rmtree(args.output_dir, ignore_errors=True)
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(saved_args_path, "w") as f:
-            json.dump({**dataclasses.asdict(args), "script": SCRIPT, "script_sha256": SCRIPT_SHA256}, f, indent=2)
-        # A resumed run drops the lines logged after its checkpoint: those updates are done again.
-        if os.path.exists(metrics_path):
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(line for line, logged_update in logged if logged_update < first_update)
-            os.replace(metrics_path + ".tmp", metrics_path)
-        metrics_file = open(metrics_path, "a")
-    if args.track and is_main:
-        import wandb
-
-        # A resumed run logs to the same wandb run; an unreachable wandb falls back to offline logging.
-        id_path = os.path.join(args.output_dir, "wandb_id")
-        run_id = open(id_path).read() if os.path.exists(id_path) else None
-        wandb_kwargs = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=run_id,
-                            resume="allow", config=dataclasses.asdict(args), dir=args.output_dir)
-        try:
-            wandb.init(**wandb_kwargs)
-        except Exception as error:  # noqa: BLE001 (wandb raises many kinds; none of them should stop training)
-            print(f"wandb unreachable ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
-                  f"logging offline to {args.output_dir}/wandb (`wandb sync` uploads it later)")
-            wandb.init(**wandb_kwargs, mode="offline")
-        with open(id_path, "w") as f:
-            f.write(wandb.run.id)
+    metrics_file, wandb = open_logs(args, run_name, first_update, logged, is_main)
     sample_every = max(1, args.num_updates // max(1, args.num_sample_generations))
     accelerator.print(f"{args.num_updates} updates of {args.batch_size} completions ({prompts_per_update} prompts "
                       f"x k={args.rloo_k}) on {args.world_size} x {device.type}, {args.dtype}; output in "
@@ -904,23 +952,12 @@ def main(args: Args) -> None:
                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         }
         if is_main:
-            metrics_file.write(json.dumps({"update": update, **metrics}) + "\n")
-            metrics_file.flush()
-            print(f"update {update}/{args.num_updates}  episode {metrics['episode']}  "
-                  f"scores {metrics['objective/scores']:+.3f}  rlhf_reward {metrics['objective/rlhf_reward']:+.3f}  "
-                  f"kl {metrics['objective/kl']:.3f}  clipfrac {metrics['policy/clipfrac_avg']:.3f}  "
-                  f"{metrics['time/update']:.2f}s", flush=True)
             samples = None
             if update == 1 or update % sample_every == 0 or update == args.num_updates:
                 samples = [(tokenizer.decode(queries[i], skip_special_tokens=True)[-60:],
                             tokenizer.decode(responses[i][response_mask[i]]), round(scores[i].item(), 3))
                            for i in range(min(4, len(responses)))]
-                for query_text, response_text, score in samples:
-                    print(f"    {score:+7.3f} | ...{query_text!r} -> {response_text!r}")
-            if args.track:
-                if samples:
-                    metrics["samples"] = wandb.Table(columns=["query", "response", "score"], data=samples)
-                wandb.log(metrics, step=update)
+            report(args, update, metrics, samples, metrics_file, wandb)
 
         scheduler.step()  # after logging: `lr` is the rate this update trained with, as TRL logs it
 

@@ -29,6 +29,7 @@ def t_975(df: int) -> float:
     return T_975.get(df, 1.96 + 2.4 / df)
 PER_RUN_ARGS = {"seed", "output_dir"}  # what may differ within one configuration
 DERIVED_ARGS = {"batch_size", "local_batch_size", "mini_batch_size", "num_updates"}  # follow from the others
+SOURCE_ARGS = {"script", "script_sha256"}  # which code made a run: a fork is labelled by its --exp-name instead
 
 
 @dataclass
@@ -105,7 +106,8 @@ def gold_figures(policy_path: str, gold_prompts: int) -> dict:
 
 def configuration(args: dict) -> tuple:
     args = {"world_size": 1, **args}  # runs from before data parallelism were single-process
-    return tuple(sorted((k, json.dumps(v)) for k, v in args.items() if k not in PER_RUN_ARGS | DERIVED_ARGS))
+    ignored = PER_RUN_ARGS | DERIVED_ARGS | SOURCE_ARGS
+    return tuple(sorted((k, json.dumps(v)) for k, v in args.items() if k not in ignored))
 
 
 def win_rate_interval(figures: list, rate: str) -> tuple:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# README "Fork it": each diff in benchmark/forks/ applied to a copy of its script (the patch fails loudly if the seam
+# it edits has moved), trained on the tiny world over $SEEDS at the tiny preset's settings; then one table with the
+# gold win rate beside the unforked scripts' runs of benchmark/tiny.sh (the same settings, in $BASELINE).
+#   bash benchmark/forks.sh                  # about 15 minutes on 2 CPU cores (after benchmark/tiny.sh)
+#   DRY_RUN=1 bash benchmark/forks.sh        # print the commands only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benchmark/lib.sh
+PYTHON=${PYTHON:-python}
+SEEDS=${SEEDS:-1 2 3}
+EPISODES=${EPISODES:-19200}
+RUNS=${RUNS:-runs/forks}
+BASELINE=${BASELINE:-runs/tiny}
+RESULTS=${RESULTS:-benchmark/results}
+
+dirs=()
+for diff in benchmark/forks/*.diff; do
+  name=$(basename "$diff" .diff)
+  script=$(sed -n 's|^--- a/||p' "$diff" | head -n 1)
+  run mkdir -p "$RUNS/src/$name"
+  run cp "$script" "$RUNS/src/$name/$script"
+  run patch --forward --quiet --reject-file=- -p1 -d "$RUNS/src/$name" -i "$PWD/$diff"
+  for seed in $SEEDS; do
+    dirs+=("$RUNS/${name}_$seed")
+    # The fork imports the project's modules (tiny_world) from here.
+    train "$RUNS/${name}_$seed" env PYTHONPATH=. "$PYTHON" "$RUNS/src/$name/$script" --exp-name "$name" \
+      --seed "$seed" --total-episodes "$EPISODES" --num-sample-generations 0
+  done
+done
+for seed in $SEEDS; do dirs+=("$BASELINE/rloo_k4_$seed" "$BASELINE/ppo_$seed"); done
+run "$PYTHON" benchmark/compare_runs.py "${dirs[@]}" --gold --sft-baseline --output "$RESULTS/forks.md" \
+  --columns "gold win rate" "gold win rate 95% CI" "gold score" "rlhf_reward, last 10%" "kl, last 10%"
+

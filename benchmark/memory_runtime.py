@@ -46,6 +46,10 @@ class Args:
     """tokens per completion (no early stop: --stop-token None, so both scripts do the same work)"""
     num_ppo_epochs: int = 1
     """optimisation epochs per update, the same for both"""
+    num_mini_batches: int = 1
+    """optimizer steps per epoch, the same for both"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step (each batch_size / (num_mini_batches x this) completions)"""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """compute precision of both scripts"""
     gradient_checkpointing: bool = False
@@ -92,7 +96,9 @@ def measure(script: str, paths: dict, dataset: str, args: Args, output_dir: str)
     flags = ["--sft-model-path", paths["sft_model_path"], "--reward-model-path", paths["reward_model_path"],
              "--dataset-name", dataset, "--output-dir", output_dir, "--dtype", args.dtype,
              "--total-episodes", str(args.updates * args.batch_size), "--per-device-train-batch-size",
-             str(args.batch_size), "--gradient-accumulation-steps", "1", "--num-mini-batches", "1",
+             str(args.batch_size // (args.num_mini_batches * args.gradient_accumulation_steps)),
+             "--gradient-accumulation-steps", str(args.gradient_accumulation_steps),
+             "--num-mini-batches", str(args.num_mini_batches),
              "--local-rollout-forward-batch-size", str(args.batch_size), "--response-length",
              str(args.response_length), "--stop-token", "None", "--num-ppo-epochs", str(args.num_ppo_epochs),
              "--max-prompt-length", "64", "--learning-rate", str(args.learning_rate),

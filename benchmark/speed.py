@@ -30,6 +30,10 @@ class Args:
     """Pythia shape of the policy and reward model"""
     epochs: tuple[int, ...] = (1, 4)
     """PPO epochs per update to compare at"""
+    num_mini_batches: int = 1
+    """optimizer steps per epoch (the presets' structure: 2 for RLOO; PPO's presets take 1)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step (the presets' structure: 2)"""
     updates: int = 6
     """updates per run, at least 2; the first is left out of the time (warm-up)"""
     batch_size: int = 8
@@ -53,6 +57,8 @@ def measure_trl(trl_python: str, trainer: str, paths: dict, dataset: str, settin
                "--dataset-name", dataset, "--updates", str(settings.updates), "--batch-size", str(settings.batch_size),
                "--rloo-k", str(settings.rloo_k), "--response-length", str(settings.response_length),
                "--num-ppo-epochs", str(settings.num_ppo_epochs), "--learning-rate", str(settings.learning_rate),
+               "--num-mini-batches", str(settings.num_mini_batches),
+               "--gradient-accumulation-steps", str(settings.gradient_accumulation_steps),
                "--max-prompt-length", "64", "--output-json", output]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -76,7 +82,8 @@ def main(args: Args) -> None:
         for epochs in args.epochs:
             settings = memory_runtime.Args(sizes=(args.size,), updates=args.updates, batch_size=args.batch_size,
                                            rloo_k=args.rloo_k, response_length=args.response_length,
-                                           num_ppo_epochs=epochs)
+                                           num_ppo_epochs=epochs, num_mini_batches=args.num_mini_batches,
+                                           gradient_accumulation_steps=args.gradient_accumulation_steps)
             for name in ("rloo", "ppo"):
                 ours = memory_runtime.measure(f"{name}.py", paths, world["dataset_name"], settings,
                                               os.path.join(scratch, f"{name}-{epochs}"))
@@ -87,7 +94,9 @@ def main(args: Args) -> None:
                       f"TRL {trl.get('s_per_update', trl.get('failed', 'not run'))}", flush=True)
 
     lines = [f"pythia-{args.size} shape (vocabulary 50304) as policy and reward model, {args.batch_size} completions x "
-             f"{args.response_length} tokens per update, RLOO k={args.rloo_k}, fp32, {device}; median seconds per "
+             f"{args.response_length} tokens per update in {args.num_mini_batches} minibatch(es) x "
+             f"{args.gradient_accumulation_steps} micro-batch(es), RLOO k={args.rloo_k}, fp32, {device}; median seconds "
+             "per "
              f"update over updates 2..{args.updates}; peak memory: "
              + ("CUDA max allocated" if device == "cuda" else "the process's peak RSS") + ".", "",
              "| algorithm | epochs | ours s/update | TRL 0.21 s/update | TRL / ours time | ours peak GB | "

@@ -11,7 +11,9 @@ Runs in its own venv (TRL 0.21 needs transformers 4.55, our scripts a newer one)
 Equal settings: each update takes --batch-size COMPLETIONS, as in our scripts. TRL 0.21's RLOO counts
 `per_device_train_batch_size` in completions too (local_batch_size = per_device x accumulation x minibatches) and
 draws local_batch_size / rloo_k prompts per update, each repeated rloo_k times; PPO draws local_batch_size prompts,
-one completion each. One minibatch, no gradient accumulation, the whole batch generated and scored in one chunk,
+one completion each (its PPO counts per_device x accumulation as the whole batch: the sizes given to it below make
+the same minibatches and micro-batches as the scripts'). --num-mini-batches and --gradient-accumulation-steps
+(default 1) as the scripts take them; the whole batch generated and scored in one chunk,
 exactly --response-length tokens per completion (no stop token, no missing-EOS penalty), temperature 0.7, fp32,
 seed 1, torch's default thread count. The policy, its reference (a second copy) and the reward model load from
 the given directories; PPO's value model is another copy of the reward model, as in ppo.py.
@@ -46,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--rloo-k", type=int, default=2, help="RLOO's completions per prompt")
     parser.add_argument("--response-length", type=int, default=32, help="tokens per completion (no early stop)")
     parser.add_argument("--num-ppo-epochs", type=int, default=1, help="optimisation epochs per update")
+    parser.add_argument("--num-mini-batches", type=int, default=1, help="optimizer steps per epoch")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
     parser.add_argument("--max-prompt-length", type=int, default=64, help="longer prompts are dropped")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--learning-rate", type=float, default=3e-6, help="as our scripts' default")
@@ -54,9 +58,16 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.updates < 2:
         parser.error("--updates must be at least 2 (the first update is warm-up)")
-    for name in ("batch_size", "rloo_k", "response_length", "num_ppo_epochs", "max_prompt_length"):
+    for name in ("batch_size", "rloo_k", "response_length", "num_ppo_epochs", "max_prompt_length", "num_mini_batches",
+                 "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.batch_size % (args.num_mini_batches * args.gradient_accumulation_steps):
+        parser.error("--num-mini-batches x --gradient-accumulation-steps must divide --batch-size")
+    if args.trainer == "ppo" and args.num_mini_batches > 1 and args.gradient_accumulation_steps > 1:
+        # TRL 0.21's PPOTrainer counts per_device x accumulation as the whole batch, and steps the optimizer once
+        # every `accumulation` micro-batches across minibatch boundaries: this work has no equal there.
+        parser.error("TRL's PPOTrainer cannot run several minibatches that each accumulate micro-batches")
     if args.trainer == "rloo" and (args.rloo_k < 2 or args.batch_size % args.rloo_k):
         parser.error(f"RLOO needs --rloo-k >= 2 dividing --batch-size (got {args.batch_size} and {args.rloo_k})")
     return args
@@ -143,6 +154,7 @@ def main(argv=None) -> None:
 
     transformers.set_seed(args.seed)  # the trainers seed torch themselves, but not numpy (their epoch shuffles)
     rloo = args.trainer == "rloo"
+    micro = args.batch_size // (args.num_mini_batches * args.gradient_accumulation_steps)
     prompts_per_update = args.batch_size // args.rloo_k if rloo else args.batch_size
     tokenizer = load_tokenizer(args.sft_model_path)
     train_dataset, dataset_rows = load_prompts(args, tokenizer, prompts_per_update)
@@ -199,7 +211,11 @@ def main(argv=None) -> None:
             output_dir=output_dir, exp_name=f"trl_{args.trainer}", seed=args.seed, report_to="none",
             logging_steps=1, save_strategy="no", eval_strategy="no", push_to_hub=False, disable_tqdm=True,
             bf16=False, fp16=False,  # OnPolicyConfig turns bf16 on unless told
-            per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, num_mini_batches=1,
+            # The same work as the scripts: TRL's RLOO counts like them; its PPO takes per_device x accumulation as
+            # the whole batch, so with one minibatch per_device is a micro-batch, and with several (no accumulation)
+            # per_device is the whole batch.
+            per_device_train_batch_size=micro if rloo or args.num_mini_batches == 1 else args.batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps, num_mini_batches=args.num_mini_batches,
             local_rollout_forward_batch_size=args.batch_size, total_episodes=updates * args.batch_size,
             num_ppo_epochs=args.num_ppo_epochs, response_length=args.response_length, stop_token=None,
             stop_token_id=None, missing_eos_penalty=None, temperature=args.temperature,
@@ -214,12 +230,12 @@ def main(argv=None) -> None:
             trainer = trl.PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref_policy,
                                      reward_model=reward_model, value_model=value_model, train_dataset=train_dataset,
                                      callbacks=[timer])
-        # The sizes TRL derived: every update must be batch-size completions, in one minibatch and micro-batch.
+        # The sizes TRL derived: every update must be batch-size completions, in the minibatches asked for.
         derived = {"local_batch_size": config.local_batch_size, "mini_batch_size": config.mini_batch_size,
                    "micro_batch_size": config.micro_batch_size, "num_total_batches": config.num_total_batches,
                    "prompts_per_update": trainer.local_dataloader_batch_size}
-        expected = {"local_batch_size": args.batch_size, "mini_batch_size": args.batch_size,
-                    "micro_batch_size": args.batch_size, "num_total_batches": updates,
+        expected = {"local_batch_size": args.batch_size, "mini_batch_size": args.batch_size // args.num_mini_batches,
+                    "micro_batch_size": config.per_device_train_batch_size, "num_total_batches": updates,
                     "prompts_per_update": prompts_per_update}
         if derived != expected:
             sys.exit(f"error: TRL derived other batch sizes than asked: {derived} instead of {expected}")
@@ -247,8 +263,9 @@ def main(argv=None) -> None:
         "settings": {
             "updates": updates, "batch_size": args.batch_size, "completions_per_update": args.batch_size,
             "prompts_per_update": prompts_per_update, "rloo_k": args.rloo_k if rloo else None,
-            "response_length": args.response_length, "num_ppo_epochs": args.num_ppo_epochs, "num_mini_batches": 1,
-            "gradient_accumulation_steps": 1, "local_rollout_forward_batch_size": args.batch_size,
+            "response_length": args.response_length, "num_ppo_epochs": args.num_ppo_epochs,
+            "num_mini_batches": args.num_mini_batches, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "local_rollout_forward_batch_size": args.batch_size,
             "max_prompt_length": args.max_prompt_length, "prompts": len(train_dataset), "dataset_rows": dataset_rows,
             "temperature": args.temperature, "stop_token": None, "missing_eos_penalty": None, "dtype": "fp32",
             "learning_rate": args.learning_rate, "seed": args.seed, "torch_threads": torch.get_num_threads(),

@@ -54,6 +54,11 @@ CASES = {
                                           minibatches=2, rollout_chunk=4, lr=0.03, trl=dict(per_device=8)),
     "ppo, 2 epochs x 2 accumulated micro-batches": dict(script="ppo", updates=3, epochs=2, per_device=4,
                                                         accumulation=2, minibatches=1, rollout_chunk=8, lr=0.03),
+    # A named difference, measured: TRL's PPOTrainer stops generating once every row has ended, so its batch is as
+    # wide as its longest completion, whose EOS then sits in the last column (its score on the EOS token itself).
+    "ppo, 1 epoch, completions all ended early (TRL's PPO batch is narrower)": dict(
+        script="ppo", updates=2, epochs=1, per_device=8, accumulation=1, minibatches=1, rollout_chunk=8, lr=0.03,
+        completions="early_completions", trl_stops_at_eos=True),
 }
 KL_COEF, CLIPRANGE, MISSING_EOS_PENALTY = 0.05, 0.2, 1.0
 
@@ -129,8 +134,14 @@ def build_world(root, size):
             if position is not None:
                 raw[position] = EOS
             completions[f"{i},{j}"] = raw
-    world = {"paths": paths, "prompts": prompts, "completions": completions, "size": size,
-             "checksum": weights_checksum(paths)}
+    # The same completions, all ended by column 6, with EOS after the first (as generate() pads a finished row when
+    # the model has no pad token): what TRL's PPOTrainer gets, its generation stopping once every row has ended.
+    early_completions = {}
+    for k, (cid, raw) in enumerate(completions.items()):
+        position = [2, 5, 0, 6, 3, 1, 4, 6][k % 8]
+        early_completions[cid] = [t if t != EOS else 2 for t in raw[:position]] + [EOS] * (RESPONSE_LENGTH - position)
+    world = {"paths": paths, "prompts": prompts, "completions": completions, "early_completions": early_completions,
+             "size": size, "checksum": weights_checksum(paths)}
     with open(os.path.join(root, "world.json"), "w") as f:
         json.dump(world, f)
     return world
@@ -158,8 +169,8 @@ class Recorder:
     A completion is known by its canonical id "i,j" (prompt i, its j-th copy in the batch): each side lays its batch
     out in its own order, and everything recorded is put back in canonical order before it is compared."""
 
-    def __init__(self, world, batch_size):
-        self.world, self.batch_size = world, batch_size
+    def __init__(self, world, batch_size, completions="completions"):
+        self.world, self.batch_size, self.completions = world, batch_size, completions
         self.prompt_index = {tuple(ids): i for i, ids in enumerate(world["prompts"])}
         self.ids, self.updates, self.epoch, self.steps, self.losses = [], [], 0, [], []
         self.names, self.directions = {}, {}
@@ -177,7 +188,7 @@ class Recorder:
         return self.ids[-len(queries):]
 
     def completion(self, cid):
-        return self.world["completions"][cid]
+        return self.world[self.completions][cid]
 
     def permutation(self, n):
         """The minibatch order of this update's next epoch: one seeded order of the canonical ids, given as
@@ -267,7 +278,7 @@ def run_ours(world, case, output):
     module = importlib.import_module(case["script"])
     rloo = case["script"] == "rloo"
     batch = case["per_device"] * case["accumulation"] * case["minibatches"]
-    recorder = Recorder(world, batch)
+    recorder = Recorder(world, batch, case.get("completions", "completions"))
 
     def fixed_sample(model, queries, pad_id, stop_id, max_tokens, temperature):
         """sample()'s contract with the fixed tokens: padding after the first stop token, the mask of the real ones."""
@@ -381,7 +392,7 @@ def run_trl(world, case, output):
     rloo = case["script"] == "rloo"
     sizes = {**case, **case.get("trl", {})}
     batch = case["per_device"] * case["accumulation"] * case["minibatches"]
-    recorder = Recorder(world, batch)
+    recorder = Recorder(world, batch, case.get("completions", "completions"))
     tokenizer = load_tokenizer(world["paths"]["sft"])
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (EOS, PAD)
 
@@ -389,11 +400,17 @@ def run_trl(world, case, output):
         """batch_generation's contract with the fixed tokens: query + raw completion, and the logits divided by
         the temperature, here from one forward pass (so that TRL's old logprobs are a forward's, as ours)."""
         completions = torch.tensor([recorder.completion(cid) for cid in recorder.identify(queries)])
+        if case.get("trl_stops_at_eos"):  # as wide as the longest completion, as PPOTrainer's generate() stops
+            completions = completions[:, : int((completions == EOS).int().argmax(1).max()) + 1]
         query_responses = torch.cat([queries, completions], 1)
         with torch.no_grad():  # in the chunks TRL's reference forward takes, so that its first KL is exactly 0
             logits = torch.cat([trl_forward(model, chunk, pad_token_id).logits[:, queries.shape[1] - 1 : -1]
                                 for chunk in query_responses.split(local_rollout_forward_batch_size)])
         return query_responses, logits / generation_config.temperature
+
+    def widen(table, fill):
+        """Rows of a narrower batch (TRL's PPO, when every completion ended early) padded to the scripts' width."""
+        return [row + [fill] * (RESPONSE_LENGTH - len(row)) for row in table]
 
     def at_epoch_loop(frame):
         v = frame.f_locals
@@ -408,6 +425,9 @@ def run_trl(world, case, output):
         else:
             tensors.update(advantages=rows(v["advantages"]), rewards=rows(v["rewards"]), values=rows(v["values"]),
                            returns=rows(v["returns"]), value_mask=(~v["padding_mask_p1"]).long().tolist())
+        for name, value in tensors.items():
+            if isinstance(value[0], list):
+                tensors[name] = widen(value, None if "logprobs" in name else 0)
         recorder.snapshot(tensors)
 
     def at_backward(frame):
@@ -482,6 +502,9 @@ METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "o
            "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "val/ratio",
            "val/ratio_var", "val/num_eos_tokens", "lr", "episode")
 PPO_METRICS = ("loss/value_avg", "val/clipfrac_avg")
+# val/ratio_var is a variance of micro-batch means that agree to 1e-7 each: its relative difference is that rounding
+# over the means' spread (1e-4 when they spread by 1e-3), so the table gives the absolute difference of its root.
+RATIO_STD = "metric val/ratio_var: its square root, absolute difference"
 
 
 def flatten(value):
@@ -553,8 +576,8 @@ def compare(ours, theirs, ours_weights=None, theirs_weights=None, initial=None):
             elif name in ("objective/kl", "objective/non_score_reward"):  # against the logprob sums, as above
                 scale = logprob_sum * (KL_COEF if "non_score" in name else 1.0)
                 note(f"metric {name} / |sum ref_logprobs|", abs(mine[name] - value) / scale)
-            elif name == "val/ratio_var":  # a variance of ratio means near 1: its absolute difference
-                note("metric val/ratio_var (absolute difference)", abs(mine[name] - value))
+            elif name == "val/ratio_var":  # a variance of means that each carry 1e-7 of rounding: compared as a std
+                note(RATIO_STD, abs(math.sqrt(mine[name]) - math.sqrt(value)))
             else:
                 note(f"metric {name}", relative_difference(mine[name], value))
     if len(ours["metrics"]) != len(theirs["metrics"]):

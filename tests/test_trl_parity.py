@@ -42,11 +42,17 @@ def run_ours(world, case, result, patch=""):
         return json.load(f)
 
 
-@pytest.mark.parametrize("case", list(trl_parity.CASES))
+AGREEING = [name for name, case in trl_parity.CASES.items() if not case.get("trl_stops_at_eos")]
+
+
+@pytest.mark.parametrize("case", AGREEING)
 def test_scripts_compute_what_trl_computes_on_a_fixed_batch(world, case, tmp_path):
     table = trl_parity.compare(run_ours(world, case, tmp_path / "ours.json"), FIXTURE["cases"][case])
     assert len(table) > 20  # every quantity was compared
-    assert {name: value for name, value in table.items() if not value <= TOLERANCE} == {}
+    # (the std of the micro-batch ratio means agrees to 1e-7 here; a population variance in place of TRL's unbiased
+    # one would move it by about 1e-4)
+    tolerance = {trl_parity.RATIO_STD: 1e-6}
+    assert {name: value for name, value in table.items() if not value <= tolerance.get(name, TOLERANCE)} == {}
 
 
 def test_parity_catches_the_score_on_the_eos_token(world, tmp_path):
@@ -60,3 +66,12 @@ def test_parity_catches_the_score_on_the_eos_token(world, tmp_path):
     case = "ppo, 1 epoch"
     table = trl_parity.compare(run_ours(world, case, tmp_path / "ours.json", patch), FIXTURE["cases"][case])
     assert table["advantages"] > 1e-2 and table["values"] > 1e-2 and table["gradient norm, every step"] > 1e-3
+
+
+def test_trl_ppo_narrower_batch_is_the_one_named_difference(world, tmp_path):
+    # When every completion ends early, TRL's PPO batch is as wide as its longest completion, whose score then sits
+    # on its EOS token; ppo.py keeps the full width (as Huang et al.). Everything before the values agrees.
+    case = next(name for name in trl_parity.CASES if name not in AGREEING)
+    table = trl_parity.compare(run_ours(world, case, tmp_path / "ours.json"), FIXTURE["cases"][case])
+    assert max(table[name] for name in ("scores", "logprobs", "ref_logprobs", "response_mask")) <= TOLERANCE
+    assert table["values"] > 1e-2 and table["metric objective/entropy"] > 1e-2

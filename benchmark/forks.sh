@@ -7,12 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmark/lib.sh
-PYTHON=${PYTHON:-python}
-SEEDS=${SEEDS:-1 2 3}
-EPISODES=${EPISODES:-19200}
+tiny_defaults
 RUNS=${RUNS:-runs/forks}
 BASELINE=${BASELINE:-runs/tiny}
-RESULTS=${RESULTS:-benchmark/results}
 
 dirs=()
 for diff in benchmark/forks/*.diff; do

@@ -1,5 +1,13 @@
 # Shared by the benchmark scripts (sourced, not run): DRY_RUN=1 prints the commands instead of running them.
 
+# The tiny world's benchmark defaults (tiny.sh, forks.sh): the tiny preset's 300 updates of 64, over three seeds.
+tiny_defaults() {
+  PYTHON=${PYTHON:-python}
+  SEEDS=${SEEDS:-1 2 3}
+  EPISODES=${EPISODES:-19200}
+  RESULTS=${RESULTS:-benchmark/results}
+}
+
 run() {
   echo "+ $(printf '%q ' "$@")"
   if [ "${DRY_RUN:-0}" != 1 ]; then "$@"; fi

@@ -9,11 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmark/lib.sh
-PYTHON=${PYTHON:-python}
-SEEDS=${SEEDS:-1 2 3}
-EPISODES=${EPISODES:-19200}
+tiny_defaults
 RUNS=${RUNS:-runs/tiny}
-RESULTS=${RESULTS:-benchmark/results}
 
 configs=("rloo_k2 rloo.py --rloo-k 2" "rloo_k4 rloo.py --rloo-k 4" "ppo ppo.py")
 dirs=()

@@ -26,9 +26,10 @@ DIAG_METRICS += ["diag/clipfrac_token", "diag/clipfrac_seq"]
 
 
 def run_script(script, *flags, timeout=600):
-    """Run a top-level script as a user would; returns the CompletedProcess (never raises on failure)."""
+    """Run a top-level script (or, given its path, a forked copy of one, with the project on its import path) as a
+    user would; returns the CompletedProcess (never raises on failure)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONHASHSEED": "0"})
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": ROOT})
 
 
 def pytest_configure(config):

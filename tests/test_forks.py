@@ -6,11 +6,10 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics
+from conftest import ROOT, read_metrics, run_script
 from safetensors.torch import load_file
 
 FORKS = sorted(glob.glob(os.path.join(ROOT, "benchmark", "forks", "*.diff")))
@@ -29,9 +28,7 @@ def fork(diff, directory):
 
 
 def train(script, output_dir, *flags):
-    result = subprocess.run([sys.executable, script, "--output-dir", str(output_dir), "--num-sample-generations", "0",
-                             *flags], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": ROOT})
+    result = run_script(script, "--output-dir", str(output_dir), "--num-sample-generations", "0", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     return read_metrics(output_dir)
 

@@ -166,8 +166,7 @@ def run_copy(source, directory, *flags):
     path = os.path.join(directory, "rloo.py")
     with open(path, "w") as f:
         f.write(source)
-    return subprocess.run([sys.executable, path, *flags], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    return run_script(path, *flags)
 
 
 def test_resume_refuses_an_edited_script_unless_told_and_a_forks_bug_shows_its_traceback(tmp_path, uninterrupted):

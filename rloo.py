@@ -14,6 +14,7 @@ with one epoch and one minibatch it is exactly REINFORCE with that baseline.
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -385,6 +386,48 @@ def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
     return stats
 
 
+def update_metrics(accelerator, stats, cliprange, **completions):
+    """TRL's metrics of one update, with TRL's names and definitions, over every process's completions (gather
+    concatenates them in process order; on one process it changes nothing). `stats` holds one value per
+    micro-batch (and diag_*: the first minibatch's logprobs, for the ratio diagnostics); `completions` one row per
+    completion."""
+    g = {name: accelerator.gather(torch.stack(v) if v[0].dim() == 0 else torch.cat(v)) for name, v in stats.items()}
+    g.update({name: accelerator.gather(tensor) for name, tensor in completions.items()})
+    ratio = g["ratio"]  # one mean per micro-batch
+    return {
+        "objective/kl": g["kl"].sum(1).mean().item(),
+        # TRL's entropy counts each padding position as -1 (it fills their logprobs with 1.0); ours does not
+        "objective/entropy": (-g["logprobs"].sum(1) - (g["response_mask"] == 0).sum(1)).mean().item(),
+        "objective/entropy_no_padding": -g["logprobs"].sum(1).mean().item(),
+        "objective/non_score_reward": g["non_score_reward"].mean().item(),
+        "objective/rlhf_reward": g["rlhf_reward"].mean().item(),
+        "objective/scores": g["scores"].mean().item(),
+        "policy/approxkl_avg": g["approxkl"].mean().item(),
+        "policy/clipfrac_avg": g["clipfrac"].mean().item(),
+        "loss/policy_avg": g["loss"].mean().item(),
+        "val/ratio": ratio.mean().item(),
+        "val/ratio_var": ratio.var().item() if len(ratio) > 1 else 0.0,  # (TRL's var() of one value: NaN)
+        **ratio_diagnostics(g["diag_new"], g["diag_old"], g["diag_mask"].bool(), cliprange),
+    }
+
+
+def time_metrics(seconds, update_start, device):
+    """Wall time per phase of this update (time/other: batching, masks, rewards, advantages, gathering the metrics)
+    and the peak memory so far."""
+    update_seconds = time.perf_counter() - update_start
+    return {**{f"time/{phase}": value for phase, value in seconds.items()},
+            "time/other": update_seconds - sum(seconds.values()), "time/update": update_seconds,
+            "memory/peak_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30}
+
+
+def decoded_samples(tokenizer, queries, responses, response_mask, scores, n=4):
+    """The first n completions as (prompt's end, completion, score), for the console and wandb."""
+    return [(tokenizer.decode(queries[i], skip_special_tokens=True)[-60:],
+             tokenizer.decode(responses[i][response_mask[i]]), round(scores[i].item(), 3))
+            for i in range(min(n, len(responses)))]
+
+
 def saved_checkpoints(output_dir):
     """The checkpoints in output_dir/checkpoints, oldest first. A checkpoint only gets its update_N name once it is
     complete (it is renamed into place), so a crash while writing one leaves the previous one the newest."""
@@ -448,6 +491,13 @@ def timed(seconds, phase):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds[phase] += time.perf_counter() - start
+
+
+def signalled(accelerator):
+    """Whether a stop signal reached any process; then every process stops after this same update."""
+    if STOP_SIGNALS:
+        accelerator.set_trigger()
+    return accelerator.check_trigger()
 
 
 def stop_non_finite(update, quantity, stepped=False):
@@ -813,6 +863,18 @@ def main(args: Args) -> None:
         with autocast(), accelerator.accumulate(policy), timed(seconds, "forward"):
             return policy_forward(policy, query_responses[idx], attention_masks[idx], context_length, temperature)
 
+    def optimizer_step(update):
+        """At the end of each minibatch: the gradient norm clipped to --max-grad-norm over all processes, then AdamW
+        (with fp16, through the loss scaler). Under DeepSpeed the engine has already stepped inside backward."""
+        with timed(seconds, "optimizer"):
+            scaler.unscale_(optimizer)
+            grad_norm = float(accelerator.clip_grad_norm_(parameters, args.max_grad_norm))  # the same everywhere
+            if args.dtype != "fp16" and not math.isfinite(grad_norm):
+                stop_non_finite(update, "gradient", stepped=zero_stage is not None)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
     batches = prompt_batches(skip=first_update - 1)
     start_time = time.time()
     for update in range(first_update, args.num_updates + 1):
@@ -821,7 +883,7 @@ def main(args: Args) -> None:
         # 1. Rollout: every prompt k times, as k blocks of the batch (completion j of prompt i at j * B + i).
         queries = next(batches).repeat(args.rloo_k, 1).to(device)  # (k * B, Tq)
         context_length = queries.shape[1]
-        responses, response_mask, logprobs, ref_logprobs, scores = [], [], [], [], []  # one entry per chunk
+        chunks = []  # (responses, mask, logprobs, ref_logprobs, scores) of each chunk
         with torch.no_grad(), autocast():
             for i in range(0, len(queries), args.local_rollout_forward_batch_size):  # chunk_*: this chunk's rows
                 chunk_queries = queries[i : i + args.local_rollout_forward_batch_size]
@@ -849,13 +911,9 @@ def main(args: Args) -> None:
                     else:
                         chunk_logprobs = response_logprobs(unwrapped_policy, chunk_query_responses,
                                                            chunk_attention_mask, context_length, temperature)
-                responses.append(chunk_responses)
-                response_mask.append(chunk_mask)
-                logprobs.append(chunk_logprobs.masked_fill(~chunk_mask, 0.0))
-                ref_logprobs.append(chunk_ref_logprobs.masked_fill(~chunk_mask, 0.0))
-                scores.append(chunk_scores)
-        responses, response_mask, logprobs, ref_logprobs, scores = map(
-            torch.cat, (responses, response_mask, logprobs, ref_logprobs, scores))  # (k * B, R) each, scores (k * B,)
+                chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores))
+        responses, response_mask, logprobs, ref_logprobs, scores = map(torch.cat, zip(*chunks))  # (k * B, R), (k * B,)
+        logprobs, ref_logprobs = (x.masked_fill(~response_mask, 0.0) for x in (logprobs, ref_logprobs))
         query_responses = torch.cat([queries, responses], 1)
         attention_masks = torch.cat([queries != pad_id, response_mask], 1)
 
@@ -874,8 +932,7 @@ def main(args: Args) -> None:
 
         # 3. Optimise: PPO-clip on the sequence-level ratio; epochs x minibatches x accumulated micro-batches, each
         #    process over its own completions (its share of every minibatch), the gradients averaged over processes.
-        stats = {"approxkl": [], "clipfrac": [], "loss": [], "ratio": []}
-        diag_new, diag_old, diag_mask = [], [], []
+        stats = collections.defaultdict(list)  # for the log: one value per micro-batch (diag_*: the first minibatch's)
         local_mini_batch_size = args.mini_batch_size // args.world_size
         for epoch in range(args.num_ppo_epochs):
             order = torch.randperm(args.local_batch_size, device=device)
@@ -903,69 +960,31 @@ def main(args: Args) -> None:
                         stats["loss"].append(loss.detach())
                         stats["ratio"].append((new_logprobs - old_logprobs).exp().mean())
                         if first_minibatch:
-                            diag_new.append(new_logprobs.detach())
-                            diag_old.append(old_logprobs)
-                            diag_mask.append(response_mask[idx])
-                with timed(seconds, "optimizer"):
-                    scaler.unscale_(optimizer)
-                    grad_norm = float(accelerator.clip_grad_norm_(parameters, args.max_grad_norm))  # same everywhere
-                    if args.dtype != "fp16" and not math.isfinite(grad_norm):
-                        stop_non_finite(update, "gradient", stepped=zero_stage is not None)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+                            stats["diag_new"].append(new_logprobs.detach())
+                            stats["diag_old"].append(old_logprobs)
+                            stats["diag_mask"].append(response_mask[idx].long())
+                optimizer_step(update)
 
-        # 4. Log: one dict per update, to the console, metrics.jsonl and wandb, from the samples of every process
-        #    (gather concatenates them in process order; on one process it changes nothing).
-        gathered = {name: accelerator.gather(tensor) for name, tensor in {
-            # TRL's entropy counts each padding position as -1 (it fills their logprobs with 1.0); ours does not
-            "kl": kl.sum(1), "entropy": -logprobs.sum(1) - (~response_mask).sum(1), "entropy_no_padding":
-            -logprobs.sum(1), "non_score_reward": non_score_reward, "rlhf_reward": rlhf_reward, "scores": scores,
-            "approxkl": torch.stack(stats["approxkl"]), "clipfrac": torch.stack(stats["clipfrac"]),
-            "loss": torch.stack(stats["loss"]), "ratio": torch.stack(stats["ratio"]), "diag_new": torch.cat(diag_new),
-            "diag_old": torch.cat(diag_old), "diag_mask": torch.cat(diag_mask).long()}.items()}
-        ratio = gathered["ratio"]  # one mean per micro-batch
-        update_seconds = time.perf_counter() - update_start
+        # 4. Log: one dict per update, to the console, metrics.jsonl and wandb.
         metrics = {
-            "objective/kl": gathered["kl"].mean().item(),
-            "objective/entropy": gathered["entropy"].mean().item(),
-            "objective/entropy_no_padding": gathered["entropy_no_padding"].mean().item(),
-            "objective/non_score_reward": gathered["non_score_reward"].mean().item(),
-            "objective/rlhf_reward": gathered["rlhf_reward"].mean().item(),
-            "objective/scores": gathered["scores"].mean().item(),
-            "policy/approxkl_avg": gathered["approxkl"].mean().item(),
-            "policy/clipfrac_avg": gathered["clipfrac"].mean().item(),
-            "loss/policy_avg": gathered["loss"].mean().item(),
-            "val/ratio": ratio.mean().item(),
-            "val/ratio_var": ratio.var().item() if len(ratio) > 1 else 0.0,  # (TRL's var() of one value: NaN)
+            **update_metrics(accelerator, stats, args.cliprange, kl=kl, logprobs=logprobs,
+                             response_mask=response_mask.long(), non_score_reward=non_score_reward,
+                             rlhf_reward=rlhf_reward, scores=scores),
             "val/num_eos_tokens": (responses == eos_id).sum().item(),  # this process's, as TRL logs it
-            **ratio_diagnostics(gathered["diag_new"], gathered["diag_old"], gathered["diag_mask"].bool(),
-                                args.cliprange),
             "lr": scheduler.get_last_lr()[0],
             "episode": update * args.batch_size,
             "eps": (update - first_update + 1) * args.batch_size / (time.time() - start_time),
-            **{f"time/{phase}": value for phase, value in seconds.items()},
-            # everything else: batching, masks, rewards, advantages, gathering these metrics
-            "time/other": update_seconds - sum(seconds.values()),
-            "time/update": update_seconds,
-            "memory/peak_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+            **time_metrics(seconds, update_start, device),
         }
         if is_main:
-            samples = None
-            if update == 1 or update % sample_every == 0 or update == args.num_updates:
-                samples = [(tokenizer.decode(queries[i], skip_special_tokens=True)[-60:],
-                            tokenizer.decode(responses[i][response_mask[i]]), round(scores[i].item(), 3))
-                           for i in range(min(4, len(responses)))]
+            show = update == 1 or update % sample_every == 0 or update == args.num_updates
+            samples = decoded_samples(tokenizer, queries, responses, response_mask, scores) if show else None
             report(args, update, metrics, samples, metrics_file, wandb)
 
         scheduler.step()  # after logging: `lr` is the rate this update trained with, as TRL logs it
 
-        # 5. Checkpoint: every --save-every updates, at the end, and after a stop signal reached any process (then
-        #    all processes stop after this same update).
-        if STOP_SIGNALS:
-            accelerator.set_trigger()
-        stopping = accelerator.check_trigger()
+        # 5. Checkpoint: every --save-every updates, at the end, and after a stop signal (Ctrl-C, preemption).
+        stopping = signalled(accelerator)
         if update % args.save_every == 0 or update == args.num_updates or stopping:
             save_checkpoint(update)
         if stopping and update < args.num_updates:  # (at the last update the run simply ends, saving the policy)

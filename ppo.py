@@ -19,8 +19,10 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
+import numbers
 import os
 import random
 import resource
@@ -79,9 +81,19 @@ class Args:
     sft_model_path: str = ""
     """SFT policy (hub name or local directory); the policy and the reference policy start from it"""
     reward_model_path: str = ""
-    """reward model (sequence classification, one label; hub name or local directory)"""
+    """reward model (sequence classification, one label; hub name or local directory); `none`: no reward model,
+    --reward-fn alone gives the score"""
+    reward_fn: str = ""
+    """a Python reward function, `module:function` (importable from this script's directory or PYTHONPATH) or
+    `path/to/file.py:function`, e.g. tiny_world:gold_reward; see the README's "Reward functions". With a reward
+    model too, the score is the weighted sum of the two"""
+    reward_model_weight: float = 1.0
+    """weight of the reward model's score in the score"""
+    reward_fn_weight: float = 1.0
+    """weight of --reward-fn's score in the score"""
     value_model_path: str = ""
-    """initial value model (sequence classification, one label; default: the reward model, as Huang et al.)"""
+    """initial value model (sequence classification, one label; default: the reward model, as Huang et al.; without
+    a reward model, the SFT policy's backbone with a fresh value head)"""
     tokenizer_path: str = ""
     """tokenizer (hub name or local directory; default: the SFT model's)"""
     dataset_name: str = ""
@@ -241,6 +253,8 @@ def check_args(args: Args) -> None:
         (args.save_every < 1 or args.keep_checkpoints < 1, "--save-every and --keep-checkpoints must be >= 1"),
         (args.resume and args.overwrite, "--resume and --overwrite contradict each other; pass one"),
         (args.resume and not args.output_dir, "--resume needs --output-dir: the directory of the run to continue"),
+        (args.reward_model_path == "none" and not args.reward_fn, "--reward-model-path none leaves no score: give "
+         "--reward-fn too"),
     ]
     for failed, message in problems:
         if failed:
@@ -292,7 +306,9 @@ def clipped_value_loss(new_values, old_values, returns, cliprange_value):
     rollout-time value. Returns (loss, clipfrac), clipfrac the fraction where the clipped term is larger."""
     clipped_values = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
     unclipped_loss, clipped_loss = (new_values - returns) ** 2, (clipped_values - returns) ** 2
-    return 0.5 * torch.max(unclipped_loss, clipped_loss).mean(), (clipped_loss > unclipped_loss).float().mean()
+    losses, clip_counts = 0.5 * torch.max(unclipped_loss, clipped_loss), (clipped_loss > unclipped_loss).float()
+    # (no values when every completion of the micro-batch is unscored: 0, not the NaN of an empty mean)
+    return (losses.mean(), clip_counts.mean()) if len(losses) else (losses.sum(), clip_counts.sum())
 
 
 def ppo_clip_loss(logprobs, old_logprobs, advantages, cliprange):
@@ -301,7 +317,9 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, cliprange):
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    return torch.max(unclipped, clipped).mean(), (clipped > unclipped).float().mean()
+    losses, clip_counts = torch.max(unclipped, clipped), (clipped > unclipped).float()
+    # (no tokens when every completion of the micro-batch is unscored: 0, not the NaN of an empty mean)
+    return (losses.mean(), clip_counts.mean()) if len(losses) else (losses.sum(), clip_counts.sum())
 
 
 class TokenLogprob(torch.autograd.Function):
@@ -414,6 +432,55 @@ def reward_scores(reward_model, query_responses, attention_mask, last_index):
     return reward_model.score(hidden[torch.arange(len(hidden)), last_index]).squeeze(-1).float()
 
 
+def load_reward_fn(spec):
+    """The function --reward-fn names: `module:function` (a module importable from the script's directory or
+    PYTHONPATH) or `path/to/file.py:function`. An exception raised while that module is imported is a bug in it,
+    and keeps its traceback."""
+    module_name, _, name = spec.rpartition(":")
+    if not module_name or not name:
+        sys.exit(f"error: --reward-fn {spec!r} is not module:function or path/to/file.py:function")
+    if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            sys.exit(f"error: --reward-fn {spec!r}: there is no file {module_name!r}")
+        location = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+        module = importlib.util.module_from_spec(location)
+        location.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if not (module_name + ".").startswith(f"{error.name}."):  # a module that the named one imports
+                raise
+            sys.exit(f"error: --reward-fn {spec!r}: no module {module_name!r} on the path (give a file's path instead: "
+                     "path/to/file.py:function)")
+    function = getattr(module, name, None)
+    if not callable(function):
+        sys.exit(f"error: --reward-fn {spec!r}: {module_name} has no function {name!r}")
+    return function
+
+
+def function_scores(reward_fn, prompts, completions, completion_ids, columns) -> list:
+    """One float per completion from the Python reward function, NaN where it returned None (the completion is then
+    unscored). It is called as TRL calls reward functions: prompts and completions as decoded text, the completions'
+    token ids (up to their EOS), and the dataset's other columns of these rows, by name."""
+    name = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__name__', '?')} (--reward-fn)"
+    try:
+        returned = reward_fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    except Exception as error:
+        error.add_note(f"raised inside the reward function {name}")
+        raise
+    values = returned.tolist() if hasattr(returned, "tolist") else returned  # a tensor or an array: its numbers
+    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(returned).__name__}"
+        sys.exit(f"error: the reward function {name} returned {got} for {len(completions)} completions; it must "
+                 "return a list of one float (or None) per completion")
+    for i, value in enumerate(values):
+        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            sys.exit(f"error: the reward function {name} returned {value!r} for completion {i} "
+                     f"({completions[i][:80]!r}); it must return a finite float, or None to leave it unscored")
+    return [math.nan if value is None else float(value) for value in values]
+
+
 def response_values(value_model, query_responses, attention_mask, context_length):
     """(B, R) value of each response token's state: the head read where the token is predicted from. The pass
     goes through the model's own forward; its last hidden state is the backbone's final one, which the score
@@ -457,7 +524,7 @@ def update_metrics(accelerator, stats, cliprange, **completions):
     completion."""
     g = {name: accelerator.gather(torch.stack(v) if v[0].dim() == 0 else torch.cat(v)) for name, v in stats.items()}
     g.update({name: accelerator.gather(tensor) for name, tensor in completions.items()})
-    ratio = g["ratio"]  # one mean per micro-batch
+    ratio, scored = g["ratio"], g["scored"].bool()  # one mean per micro-batch; False where --reward-fn gave None
     returns, values, valid = g["returns"], g["values"], g["value_mask"].bool()
     return {
         "objective/kl": g["kl"].sum(1).mean().item(),
@@ -465,8 +532,9 @@ def update_metrics(accelerator, stats, cliprange, **completions):
         "objective/entropy": (-g["logprobs"].sum(1) - (g["response_mask"] == 0).sum(1)).mean().item(),
         "objective/entropy_no_padding": -g["logprobs"].sum(1).mean().item(),
         "objective/non_score_reward": g["non_score_reward"].mean().item(),
-        "objective/rlhf_reward": g["rlhf_reward"].mean().item(),
-        "objective/scores": g["scores"].mean().item(),
+        "objective/rlhf_reward": g["rlhf_reward"][scored].mean().item(),
+        "objective/scores": g["scores"][scored].mean().item(),
+        "objective/unscored": (~scored).sum().item(),  # completions --reward-fn returned None for
         "policy/approxkl_avg": g["approxkl"].mean().item(),
         "policy/clipfrac_avg": g["clipfrac"].mean().item(),
         "loss/policy_avg": g["loss"].mean().item(),
@@ -615,7 +683,8 @@ def start_processes(args: Args):
         if not getattr(args, flag):
             sys.exit(f"error: --{flag.replace('_', '-')} is required for --model {args.model}")
     args.tokenizer_path = args.tokenizer_path or args.sft_model_path
-    args.value_model_path = args.value_model_path or args.reward_model_path
+    args.value_model_path = args.value_model_path or (args.sft_model_path if args.reward_model_path == "none"
+                                                      else args.reward_model_path)
     check_args(args)
     if args.total_episodes % args.batch_size:
         accelerator.print(f"note: --total-episodes {args.total_episodes} is not a multiple of the {args.batch_size} "
@@ -713,7 +782,8 @@ def open_logs(args: Args, run_name, first_update, logged, is_main):
 
 def load_prompts(args: Args, tokenizer, accelerator):
     """Every prompt of the dataset's column tokenized once, without special tokens; empty ones and those over
-    --max-prompt-length are dropped and counted."""
+    --max-prompt-length are dropped and counted. Returns the prompts and, with --reward-fn, the dataset's other
+    columns of the same rows."""
     dataset = load_or_exit(lambda p: load_dataset(p, split=args.dataset_train_split), args.dataset_name,
                            "dataset", "--dataset-name and --dataset-train-split")
     if args.prompt_column not in dataset.column_names:
@@ -725,13 +795,17 @@ def load_prompts(args: Args, tokenizer, accelerator):
         sys.exit(f"error: row {not_text} of the dataset's column {args.prompt_column!r} is {texts[not_text]!r}, not "
                  "text; fix that row or set --prompt-column")
     tokenized = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    prompts = [ids for ids in tokenized if 0 < len(ids) <= args.max_prompt_length]
+    kept = [row for row, ids in enumerate(tokenized) if 0 < len(ids) <= args.max_prompt_length]
+    prompts = [tokenized[row] for row in kept]
     if len(prompts) < len(dataset):
         empty = sum(1 for ids in tokenized if not ids)
         accelerator.print(f"dropped {len(dataset) - len(prompts)} of {len(dataset)} prompts: {empty} empty, "
                           f"{len(dataset) - len(prompts) - empty} longer than --max-prompt-length "
                           f"{args.max_prompt_length}")
-    return prompts
+    # The other columns of the kept rows, for --reward-fn (a verifier may read a reference answer there)
+    other = [name for name in dataset.column_names if name != args.prompt_column] if args.reward_fn else []
+    columns = {name: [values[row] for row in kept] for name, values in ((n, dataset[n]) for n in other)}
+    return prompts, columns
 
 
 def report(args: Args, update, metrics, samples, metrics_file, wandb):
@@ -779,7 +853,8 @@ def main(args: Args) -> None:
     stop_id = eos_id if args.stop_token == "eos" else None
 
     # Data: every prompt tokenized once; batches are left-padded as they are drawn.
-    prompts = load_prompts(args, tokenizer, accelerator)
+    prompts, columns = load_prompts(args, tokenizer, accelerator)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     prompts_per_update = args.batch_size  # over all processes: each takes its own slice
     local_prompts = args.local_batch_size
     if len(prompts) < prompts_per_update:
@@ -787,18 +862,18 @@ def main(args: Args) -> None:
                  f"an update needs {prompts_per_update}")
 
     def prompt_batches(skip):
-        """Endless prompt batches, reshuffled every epoch over the dataset; this process's slice of each. The first
-        `skip` are drawn and dropped: a resumed run replays the order from the seed up to where it stopped."""
+        """Endless prompt batches (with their rows in `prompts`), reshuffled every epoch over the dataset; this
+        process's slice of each. The first `skip` are drawn and dropped: a resumed run replays the order from the
+        seed up to where it stopped."""
         while True:
             order = torch.randperm(len(prompts), generator=data_generator).tolist()
             for start in range(0, len(order) - prompts_per_update + 1, prompts_per_update):
                 if skip:
                     skip -= 1
                     continue
-                batch = [prompts[i] for i in order[start : start + prompts_per_update]]
-                batch = batch[rank * local_prompts : (rank + 1) * local_prompts]
-                width = max(map(len, batch))
-                yield torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
+                rows = order[start : start + prompts_per_update][rank * local_prompts : (rank + 1) * local_prompts]
+                width = max(len(prompts[row]) for row in rows)
+                yield torch.tensor([[pad_id] * (width - len(prompts[row])) + prompts[row] for row in rows]), rows
 
     def frozen(model):
         """The reference and reward models: never trained, no gradients. Under DeepSpeed they become inference
@@ -822,13 +897,14 @@ def main(args: Args) -> None:
                           args.sft_model_path, "SFT policy", "--sft-model-path").eval()
     ref_policy = frozen(load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
                                      args.sft_model_path, "SFT policy", "--sft-model-path"))
-    reward_model = frozen(load_or_exit(
+    reward_model = None if args.reward_model_path == "none" else frozen(load_or_exit(
         lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1,
                                                                      output_loading_info=True),
         args.reward_model_path, "reward model", "--reward-model-path"))
+    # Without a reward model the value model may start from the SFT policy's backbone, its head freshly drawn
     value_model = load_or_exit(
         lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32, num_labels=1,
-                                                                     output_loading_info=True),
+                                                                     output_loading_info=reward_model is not None),
         args.value_model_path, "value model", "--value-model-path").eval()
     value_model.config.pad_token_id = pad_id  # its forward pools at the last non-pad token (unused here, but needed)
     positions, longest = getattr(policy.config, "max_position_embeddings", None), max(map(len, prompts))
@@ -837,6 +913,8 @@ def main(args: Args) -> None:
                  f"policy's {positions} positions; lower --max-prompt-length or --response-length")
     for model, flag in ((policy, "--sft-model-path"), (reward_model, "--reward-model-path"),
                         (value_model, "--value-model-path")):
+        if model is None:
+            continue
         embeddings = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > embeddings:  # a token id past the table fails only mid-rollout (on a GPU, an assert)
             sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the {embeddings} embeddings of the "
@@ -844,7 +922,7 @@ def main(args: Args) -> None:
     if args.gradient_checkpointing:
         for model in (policy, value_model):
             checkpoint_layers(model)
-    models = (policy, ref_policy, reward_model, value_model)  # PPO holds four models
+    models = [m for m in (policy, ref_policy, reward_model, value_model) if m is not None]  # PPO holds four models
     parameters = [*policy.parameters(), *value_model.parameters()]  # one optimizer, one loss: pg + vf_coef * vf
     # fused: one kernel for all the parameters (5.5x faster than the default foreach on this CPU, also on GPUs)
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0, fused=True)
@@ -938,6 +1016,27 @@ def main(args: Args) -> None:
         with autocast(), accelerator.accumulate(policy_and_value), timed(seconds, "forward"):
             return policy_and_value(query_responses[idx], attention_masks[idx], context_length, temperature)
 
+    def score(queries, responses, response_mask, rows) -> torch.Tensor:
+        """(b,) scores of one chunk's completions: --reward-model-weight x the reward model's (read at the last real
+        token) + --reward-fn-weight x the Python function's; NaN where the function returned None (the completion
+        is then unscored, even by a reward model)."""
+        parts = []
+        if reward_model is not None:
+            query_responses = torch.cat([queries, responses], 1)
+            attention_mask = torch.cat([queries != pad_id, response_mask], 1)
+            last_index = queries.shape[1] + response_mask.sum(1) - 1
+            model_scores = reward_scores(reward_model, query_responses, attention_mask, last_index)
+            if not torch.isfinite(model_scores).all():
+                stop_non_finite(update, "score")
+            parts.append(args.reward_model_weight * model_scores)
+        if reward_fn is not None:
+            texts = (tokenizer.batch_decode(ids, skip_special_tokens=True) for ids in (queries, responses))
+            completion_ids = [ids[mask].tolist() for ids, mask in zip(responses, response_mask)]
+            chunk_columns = {name: [values[row] for row in rows] for name, values in columns.items()}
+            values = function_scores(reward_fn, *texts, completion_ids, chunk_columns)
+            parts.append(args.reward_fn_weight * torch.tensor(values, device=device))
+        return torch.stack(parts).sum(0)
+
     def optimizer_step(update):
         """At the end of each minibatch: the gradient norm clipped to --max-grad-norm over all processes, then AdamW
         (with fp16, through the loss scaler). Under DeepSpeed the engine has already stepped inside backward."""
@@ -956,7 +1055,8 @@ def main(args: Args) -> None:
         update_start = time.perf_counter()
         seconds = dict.fromkeys(("generation", "forward", "backward", "optimizer"), 0.0)  # the rest is time/other
         # 1. Rollout: one completion per prompt, with the value of every state along it.
-        queries = next(batches).to(device)  # (B, Tq)
+        prompt_ids, rows = next(batches)
+        queries = prompt_ids.to(device)  # (B, Tq)
         context_length = queries.shape[1]
         chunks = []  # (responses, mask, logprobs, ref_logprobs, scores, values) of each chunk
         with torch.no_grad(), autocast():
@@ -967,15 +1067,14 @@ def main(args: Args) -> None:
                         unwrapped_policy, chunk_queries, pad_id, stop_id, args.response_length, temperature)  # (b, R)
                 chunk_attention_mask = torch.cat([chunk_queries != pad_id, chunk_mask], 1)
                 chunk_query_responses = torch.cat([chunk_queries, chunk_responses], 1)
-                chunk_last_index = context_length + chunk_mask.sum(1) - 1
                 if not torch.isfinite(sampled_logprobs).all():  # NaN logits would be sampled as the last token
                     stop_non_finite(update, "logits in sampling")
                 with timed(seconds, "forward"):
                     # The frozen models first, so that a policy graph kept for training never waits beside them.
                     chunk_ref_logprobs = response_logprobs(ref_policy, chunk_query_responses, chunk_attention_mask,
                                                            context_length, temperature)
-                    chunk_scores = reward_scores(reward_model, chunk_query_responses, chunk_attention_mask,
-                                                 chunk_last_index)
+                    chunk_scores = score(chunk_queries, chunk_responses, chunk_mask,
+                                         rows[i : i + args.local_rollout_forward_batch_size])
                     # The training pass's own forward gives the sampling policy's logprobs and the values (under
                     # ZeRO-3 it gathers each layer in turn); the `generate` source then swaps in the sampling pass's.
                     if train_on_rollout_forward:  # the first epoch's training pass, kept (see training_forward)
@@ -992,7 +1091,8 @@ def main(args: Args) -> None:
                                chunk_values))
         responses, response_mask, logprobs, ref_logprobs, scores, values = map(torch.cat, zip(*chunks))  # (B, R)
         logprobs, ref_logprobs = (x.masked_fill(~response_mask, 0.0) for x in (logprobs, ref_logprobs))
-        value_mask = value_positions(response_mask)
+        scored = ~scores.isnan()  # False where --reward-fn returned None: out of the whitening and of both losses
+        loss_mask, value_mask = response_mask & scored[:, None], value_positions(response_mask) & scored[:, None]
         values = values.masked_fill(~value_mask, 0.0)
         query_responses = torch.cat([queries, responses], 1)
         attention_masks = torch.cat([queries != pad_id, response_mask], 1)
@@ -1003,10 +1103,10 @@ def main(args: Args) -> None:
         if args.missing_eos_penalty is not None:
             scores = torch.where(contains_eos, scores, scores - args.missing_eos_penalty)
         kl = logprobs - ref_logprobs  # (B, R), zero after the stop token
-        for name, value in (("score", scores), ("KL", kl)):
+        for name, value in (("score", scores[scored]), ("KL", kl)):
             if not torch.isfinite(value).all():  # in every dtype: nothing good is learnt from a NaN reward
                 stop_non_finite(update, name)
-        rewards = token_rewards(scores, kl, response_mask, args.kl_coef)
+        rewards = token_rewards(scores.nan_to_num(), kl, response_mask, args.kl_coef)
         non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward
         if args.whiten_rewards:
@@ -1014,7 +1114,7 @@ def main(args: Args) -> None:
         # GAE over the completion, then advantages whitened over its tokens (Huang et al. 2024), over this
         # process's completions (as TRL does).
         advantages, returns = compute_gae(rewards, values, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, response_mask)
+        advantages = masked_whiten(advantages, loss_mask)
 
         # 3. Optimise: PPO-clip per token plus the clipped value loss; epochs x minibatches x micro-batches, each
         #    process over its own completions (its share of every minibatch), the gradients averaged over processes.
@@ -1033,7 +1133,7 @@ def main(args: Args) -> None:
                         # No optimizer step yet, so this forward IS the sampling policy: reusing it makes the ratio
                         # exactly 1, whereas GPU kernels may round the rollout pass's other batch shape differently.
                         old_logprobs = new_logprobs.detach()
-                    mask = response_mask[idx]
+                    mask = loss_mask[idx]
                     loss, clipfrac = ppo_clip_loss(new_logprobs[mask], old_logprobs[mask], advantages[idx][mask],
                                                    args.cliprange)
                     vmask = value_mask[idx]
@@ -1061,8 +1161,8 @@ def main(args: Args) -> None:
         metrics = {
             **update_metrics(accelerator, stats, args.cliprange, kl=kl, logprobs=logprobs,
                              response_mask=response_mask.long(), non_score_reward=non_score_reward,
-                             rlhf_reward=rlhf_reward, scores=scores, returns=returns, values=values,
-            value_mask=value_mask.long()),
+                             rlhf_reward=rlhf_reward, scores=scores, scored=scored.long(), returns=returns,
+                             values=values, value_mask=value_mask.long()),
             "val/num_eos_tokens": (responses == eos_id).sum().item(),  # this process's, as TRL logs it
             "lr": scheduler.get_last_lr()[0],
             "episode": update * args.batch_size,

@@ -18,8 +18,10 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
+import numbers
 import os
 import random
 import resource
@@ -78,7 +80,16 @@ class Args:
     sft_model_path: str = ""
     """SFT policy (hub name or local directory); the policy and the reference policy start from it"""
     reward_model_path: str = ""
-    """reward model (sequence classification, one label; hub name or local directory)"""
+    """reward model (sequence classification, one label; hub name or local directory); `none`: no reward model,
+    --reward-fn alone gives the score"""
+    reward_fn: str = ""
+    """a Python reward function, `module:function` (importable from this script's directory or PYTHONPATH) or
+    `path/to/file.py:function`, e.g. tiny_world:gold_reward; see the README's "Reward functions". With a reward
+    model too, the score is the weighted sum of the two"""
+    reward_model_weight: float = 1.0
+    """weight of the reward model's score in the score"""
+    reward_fn_weight: float = 1.0
+    """weight of --reward-fn's score in the score"""
     tokenizer_path: str = ""
     """tokenizer (hub name or local directory; default: the SFT model's)"""
     dataset_name: str = ""
@@ -235,6 +246,8 @@ def check_args(args: Args) -> None:
         (args.save_every < 1 or args.keep_checkpoints < 1, "--save-every and --keep-checkpoints must be >= 1"),
         (args.resume and args.overwrite, "--resume and --overwrite contradict each other; pass one"),
         (args.resume and not args.output_dir, "--resume needs --output-dir: the directory of the run to continue"),
+        (args.reward_model_path == "none" and not args.reward_fn, "--reward-model-path none leaves no score: give "
+         "--reward-fn too"),
     ]
     for failed, message in problems:
         if failed:
@@ -248,10 +261,14 @@ def check_args(args: Args) -> None:
 
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """Leave-one-out advantages. `rewards` is flat, laid out as k blocks of the batch (completion j
-    of prompt i at j * batch + i); each completion's baseline is the mean reward of the other k-1."""
+    of prompt i at j * batch + i); each completion's baseline is the mean reward of the other k-1.
+    A NaN reward (a completion --reward-fn left unscored) is left out of the others' baselines and gets advantage
+    0, as does every completion of a prompt with fewer than two scored ones (as TRL does since PR #5902)."""
     rewards = rewards.reshape(k, -1)  # (k, B)
-    baseline = (rewards.sum(0, keepdim=True) - rewards) / (k - 1)
-    return (rewards - baseline).flatten()
+    scored = ~rewards.isnan()
+    others = scored.sum(0, keepdim=True) - 1  # scored completions of the prompt besides this (scored) one
+    baseline = (rewards.nan_to_num().sum(0, keepdim=True) - rewards) / others
+    return torch.where(scored & (others > 0), rewards - baseline, 0.0).flatten()
 
 
 def ppo_clip_loss(logprobs, old_logprobs, advantages, cliprange):
@@ -372,6 +389,55 @@ def reward_scores(reward_model, query_responses, attention_mask, last_index):
     return reward_model.score(hidden[torch.arange(len(hidden)), last_index]).squeeze(-1).float()
 
 
+def load_reward_fn(spec):
+    """The function --reward-fn names: `module:function` (a module importable from the script's directory or
+    PYTHONPATH) or `path/to/file.py:function`. An exception raised while that module is imported is a bug in it,
+    and keeps its traceback."""
+    module_name, _, name = spec.rpartition(":")
+    if not module_name or not name:
+        sys.exit(f"error: --reward-fn {spec!r} is not module:function or path/to/file.py:function")
+    if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            sys.exit(f"error: --reward-fn {spec!r}: there is no file {module_name!r}")
+        location = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+        module = importlib.util.module_from_spec(location)
+        location.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if not (module_name + ".").startswith(f"{error.name}."):  # a module that the named one imports
+                raise
+            sys.exit(f"error: --reward-fn {spec!r}: no module {module_name!r} on the path (give a file's path instead: "
+                     "path/to/file.py:function)")
+    function = getattr(module, name, None)
+    if not callable(function):
+        sys.exit(f"error: --reward-fn {spec!r}: {module_name} has no function {name!r}")
+    return function
+
+
+def function_scores(reward_fn, prompts, completions, completion_ids, columns) -> list:
+    """One float per completion from the Python reward function, NaN where it returned None (the completion is then
+    unscored). It is called as TRL calls reward functions: prompts and completions as decoded text, the completions'
+    token ids (up to their EOS), and the dataset's other columns of these rows, by name."""
+    name = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__name__', '?')} (--reward-fn)"
+    try:
+        returned = reward_fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    except Exception as error:
+        error.add_note(f"raised inside the reward function {name}")
+        raise
+    values = returned.tolist() if hasattr(returned, "tolist") else returned  # a tensor or an array: its numbers
+    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(returned).__name__}"
+        sys.exit(f"error: the reward function {name} returned {got} for {len(completions)} completions; it must "
+                 "return a list of one float (or None) per completion")
+    for i, value in enumerate(values):
+        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            sys.exit(f"error: the reward function {name} returned {value!r} for completion {i} "
+                     f"({completions[i][:80]!r}); it must return a finite float, or None to leave it unscored")
+    return [math.nan if value is None else float(value) for value in values]
+
+
 def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
     """Ratio statistics at the first minibatch, before any optimizer step: the ratio should be exactly 1,
     so anything else is numerical mismatch between the two logprob sources (bf16, KV cache, batch shape).
@@ -393,15 +459,16 @@ def update_metrics(accelerator, stats, cliprange, **completions):
     completion."""
     g = {name: accelerator.gather(torch.stack(v) if v[0].dim() == 0 else torch.cat(v)) for name, v in stats.items()}
     g.update({name: accelerator.gather(tensor) for name, tensor in completions.items()})
-    ratio = g["ratio"]  # one mean per micro-batch
+    ratio, scored = g["ratio"], g["scored"].bool()  # one mean per micro-batch; False where --reward-fn gave None
     return {
         "objective/kl": g["kl"].sum(1).mean().item(),
         # TRL's entropy counts each padding position as -1 (it fills their logprobs with 1.0); ours does not
         "objective/entropy": (-g["logprobs"].sum(1) - (g["response_mask"] == 0).sum(1)).mean().item(),
         "objective/entropy_no_padding": -g["logprobs"].sum(1).mean().item(),
         "objective/non_score_reward": g["non_score_reward"].mean().item(),
-        "objective/rlhf_reward": g["rlhf_reward"].mean().item(),
-        "objective/scores": g["scores"].mean().item(),
+        "objective/rlhf_reward": g["rlhf_reward"][scored].mean().item(),
+        "objective/scores": g["scores"][scored].mean().item(),
+        "objective/unscored": (~scored).sum().item(),  # completions --reward-fn returned None for
         "policy/approxkl_avg": g["approxkl"].mean().item(),
         "policy/clipfrac_avg": g["clipfrac"].mean().item(),
         "loss/policy_avg": g["loss"].mean().item(),
@@ -644,7 +711,8 @@ def open_logs(args: Args, run_name, first_update, logged, is_main):
 
 def load_prompts(args: Args, tokenizer, accelerator):
     """Every prompt of the dataset's column tokenized once, without special tokens; empty ones and those over
-    --max-prompt-length are dropped and counted."""
+    --max-prompt-length are dropped and counted. Returns the prompts and, with --reward-fn, the dataset's other
+    columns of the same rows."""
     dataset = load_or_exit(lambda p: load_dataset(p, split=args.dataset_train_split), args.dataset_name,
                            "dataset", "--dataset-name and --dataset-train-split")
     if args.prompt_column not in dataset.column_names:
@@ -656,13 +724,17 @@ def load_prompts(args: Args, tokenizer, accelerator):
         sys.exit(f"error: row {not_text} of the dataset's column {args.prompt_column!r} is {texts[not_text]!r}, not "
                  "text; fix that row or set --prompt-column")
     tokenized = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    prompts = [ids for ids in tokenized if 0 < len(ids) <= args.max_prompt_length]
+    kept = [row for row, ids in enumerate(tokenized) if 0 < len(ids) <= args.max_prompt_length]
+    prompts = [tokenized[row] for row in kept]
     if len(prompts) < len(dataset):
         empty = sum(1 for ids in tokenized if not ids)
         accelerator.print(f"dropped {len(dataset) - len(prompts)} of {len(dataset)} prompts: {empty} empty, "
                           f"{len(dataset) - len(prompts) - empty} longer than --max-prompt-length "
                           f"{args.max_prompt_length}")
-    return prompts
+    # The other columns of the kept rows, for --reward-fn (a verifier may read a reference answer there)
+    other = [name for name in dataset.column_names if name != args.prompt_column] if args.reward_fn else []
+    columns = {name: [values[row] for row in kept] for name, values in ((n, dataset[n]) for n in other)}
+    return prompts, columns
 
 
 def report(args: Args, update, metrics, samples, metrics_file, wandb):
@@ -710,7 +782,8 @@ def main(args: Args) -> None:
     stop_id = eos_id if args.stop_token == "eos" else None
 
     # Data: every prompt tokenized once; batches are left-padded as they are drawn.
-    prompts = load_prompts(args, tokenizer, accelerator)
+    prompts, columns = load_prompts(args, tokenizer, accelerator)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     prompts_per_update = args.batch_size // args.rloo_k  # over all processes: each takes its own slice
     local_prompts = args.local_batch_size // args.rloo_k
     if len(prompts) < prompts_per_update:
@@ -718,18 +791,18 @@ def main(args: Args) -> None:
                  f"an update needs {prompts_per_update}")
 
     def prompt_batches(skip):
-        """Endless prompt batches, reshuffled every epoch over the dataset; this process's slice of each. The first
-        `skip` are drawn and dropped: a resumed run replays the order from the seed up to where it stopped."""
+        """Endless prompt batches (with their rows in `prompts`), reshuffled every epoch over the dataset; this
+        process's slice of each. The first `skip` are drawn and dropped: a resumed run replays the order from the
+        seed up to where it stopped."""
         while True:
             order = torch.randperm(len(prompts), generator=data_generator).tolist()
             for start in range(0, len(order) - prompts_per_update + 1, prompts_per_update):
                 if skip:
                     skip -= 1
                     continue
-                batch = [prompts[i] for i in order[start : start + prompts_per_update]]
-                batch = batch[rank * local_prompts : (rank + 1) * local_prompts]
-                width = max(map(len, batch))
-                yield torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
+                rows = order[start : start + prompts_per_update][rank * local_prompts : (rank + 1) * local_prompts]
+                width = max(len(prompts[row]) for row in rows)
+                yield torch.tensor([[pad_id] * (width - len(prompts[row])) + prompts[row] for row in rows]), rows
 
     def frozen(model):
         """The reference and reward models: never trained, no gradients. Under DeepSpeed they become inference
@@ -753,7 +826,7 @@ def main(args: Args) -> None:
                           args.sft_model_path, "SFT policy", "--sft-model-path").eval()
     ref_policy = frozen(load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
                                      args.sft_model_path, "SFT policy", "--sft-model-path"))
-    reward_model = frozen(load_or_exit(
+    reward_model = None if args.reward_model_path == "none" else frozen(load_or_exit(
         lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1,
                                                                      output_loading_info=True),
         args.reward_model_path, "reward model", "--reward-model-path"))
@@ -762,6 +835,8 @@ def main(args: Args) -> None:
         sys.exit(f"error: the longest prompt ({longest} tokens) + --response-length {args.response_length} exceed the "
                  f"policy's {positions} positions; lower --max-prompt-length or --response-length")
     for model, flag in ((policy, "--sft-model-path"), (reward_model, "--reward-model-path")):
+        if model is None:
+            continue
         embeddings = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > embeddings:  # a token id past the table fails only mid-rollout (on a GPU, an assert)
             sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the {embeddings} embeddings of the "
@@ -769,7 +844,7 @@ def main(args: Args) -> None:
     if args.gradient_checkpointing:
         for model in (policy,):
             checkpoint_layers(model)
-    models = (policy, ref_policy, reward_model)  # RLOO holds three models: no value model
+    models = [m for m in (policy, ref_policy, reward_model) if m is not None]  # RLOO holds three: no value model
     parameters = list(policy.parameters())
     # fused: one kernel for all the parameters (5.5x faster than the default foreach on this CPU, also on GPUs)
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0, fused=True)
@@ -863,6 +938,27 @@ def main(args: Args) -> None:
         with autocast(), accelerator.accumulate(policy), timed(seconds, "forward"):
             return policy_forward(policy, query_responses[idx], attention_masks[idx], context_length, temperature)
 
+    def score(queries, responses, response_mask, rows) -> torch.Tensor:
+        """(b,) scores of one chunk's completions: --reward-model-weight x the reward model's (read at the last real
+        token) + --reward-fn-weight x the Python function's; NaN where the function returned None (the completion
+        is then unscored, even by a reward model)."""
+        parts = []
+        if reward_model is not None:
+            query_responses = torch.cat([queries, responses], 1)
+            attention_mask = torch.cat([queries != pad_id, response_mask], 1)
+            last_index = queries.shape[1] + response_mask.sum(1) - 1
+            model_scores = reward_scores(reward_model, query_responses, attention_mask, last_index)
+            if not torch.isfinite(model_scores).all():
+                stop_non_finite(update, "score")
+            parts.append(args.reward_model_weight * model_scores)
+        if reward_fn is not None:
+            texts = (tokenizer.batch_decode(ids, skip_special_tokens=True) for ids in (queries, responses))
+            completion_ids = [ids[mask].tolist() for ids, mask in zip(responses, response_mask)]
+            chunk_columns = {name: [values[row] for row in rows] for name, values in columns.items()}
+            values = function_scores(reward_fn, *texts, completion_ids, chunk_columns)
+            parts.append(args.reward_fn_weight * torch.tensor(values, device=device))
+        return torch.stack(parts).sum(0)
+
     def optimizer_step(update):
         """At the end of each minibatch: the gradient norm clipped to --max-grad-norm over all processes, then AdamW
         (with fp16, through the loss scaler). Under DeepSpeed the engine has already stepped inside backward."""
@@ -881,7 +977,8 @@ def main(args: Args) -> None:
         update_start = time.perf_counter()
         seconds = dict.fromkeys(("generation", "forward", "backward", "optimizer"), 0.0)  # the rest is time/other
         # 1. Rollout: every prompt k times, as k blocks of the batch (completion j of prompt i at j * B + i).
-        queries = next(batches).repeat(args.rloo_k, 1).to(device)  # (k * B, Tq)
+        prompt_ids, prompt_rows = next(batches)
+        queries, rows = prompt_ids.repeat(args.rloo_k, 1).to(device), prompt_rows * args.rloo_k  # (k * B, Tq)
         context_length = queries.shape[1]
         chunks = []  # (responses, mask, logprobs, ref_logprobs, scores) of each chunk
         with torch.no_grad(), autocast():
@@ -892,15 +989,14 @@ def main(args: Args) -> None:
                         unwrapped_policy, chunk_queries, pad_id, stop_id, args.response_length, temperature)  # (b, R)
                 chunk_attention_mask = torch.cat([chunk_queries != pad_id, chunk_mask], 1)
                 chunk_query_responses = torch.cat([chunk_queries, chunk_responses], 1)
-                chunk_last_index = context_length + chunk_mask.sum(1) - 1
                 if not torch.isfinite(sampled_logprobs).all():  # NaN logits would be sampled as the last token
                     stop_non_finite(update, "logits in sampling")
                 with timed(seconds, "forward"):
                     # The frozen models first, so that a policy graph kept for training never waits beside them.
                     chunk_ref_logprobs = response_logprobs(ref_policy, chunk_query_responses, chunk_attention_mask,
                                                            context_length, temperature)
-                    chunk_scores = reward_scores(reward_model, chunk_query_responses, chunk_attention_mask,
-                                                 chunk_last_index)
+                    chunk_scores = score(chunk_queries, chunk_responses, chunk_mask,
+                                         rows[i : i + args.local_rollout_forward_batch_size])
                     if args.old_logprobs == "generate":
                         chunk_logprobs = sampled_logprobs
                     elif train_on_rollout_forward:  # the first epoch's training pass, kept (see training_forward)
@@ -919,11 +1015,12 @@ def main(args: Args) -> None:
 
         # 2. Reward: the EOS trick, then the KL penalty. The whole completion is one action, so its reward
         #    is the score plus the summed per-token penalty (k1 estimator: logprob - ref_logprob).
+        scored = ~scores.isnan()  # False where --reward-fn returned None: advantage 0, see rloo_advantages
         contains_eos = (responses == eos_id).any(1)
         if args.missing_eos_penalty is not None:
             scores = torch.where(contains_eos, scores, scores - args.missing_eos_penalty)
         kl = logprobs - ref_logprobs  # (k * B, R), zero after the stop token
-        for name, value in (("score", scores), ("KL", kl)):
+        for name, value in (("score", scores[scored]), ("KL", kl)):
             if not torch.isfinite(value).all():  # in every dtype: nothing good is learnt from a NaN reward
                 stop_non_finite(update, name)
         non_score_reward = -args.kl_coef * kl.sum(1)
@@ -969,7 +1066,7 @@ def main(args: Args) -> None:
         metrics = {
             **update_metrics(accelerator, stats, args.cliprange, kl=kl, logprobs=logprobs,
                              response_mask=response_mask.long(), non_score_reward=non_score_reward,
-                             rlhf_reward=rlhf_reward, scores=scores),
+                             rlhf_reward=rlhf_reward, scores=scores, scored=scored.long()),
             "val/num_eos_tokens": (responses == eos_id).sum().item(),  # this process's, as TRL logs it
             "lr": scheduler.get_last_lr()[0],
             "episode": update * args.batch_size,

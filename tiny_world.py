@@ -70,6 +70,12 @@ def gold_judge(prompt: str, response: str, reference: str) -> float:
     return 1.0 if ours > theirs + 1e-9 else 0.5 if abs(ours - theirs) <= 1e-9 else 0.0
 
 
+def gold_reward(prompts: list, completions: list, **columns) -> list:
+    """The gold judge's score as a reward function, the oracle a learned reward model stands in for:
+    python rloo.py --reward-fn tiny_world:gold_reward --reward-model-path none"""
+    return [gold_score(prompt, completion) for prompt, completion in zip(prompts, completions)]
+
+
 def win_rate(judgements: list) -> tuple:
     """(win rate, half-width of its 95% normal interval) of gold_judge verdicts (1 win, 0.5 tie, 0 loss)."""
     n = len(judgements)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README "Fork it": each diff in benchmark/forks/ applied to a copy of its script (the patch fails loudly if the seam
-# it edits has moved), trained on the tiny world over $SEEDS at the tiny preset's settings; then one table with the
-# gold win rate beside the unforked scripts' runs of benchmark/tiny.sh (the same settings, in $BASELINE).
+# it edits has moved), and the rule reward of benchmark/forks/rule_reward.py given as --reward-fn, each trained on the
+# tiny world over $SEEDS at the tiny preset's settings; then one table with the gold win rate beside the unforked
+# scripts' runs of benchmark/tiny.sh (the same settings, in $BASELINE).
 #   bash benchmark/forks.sh                  # about 15 minutes on 2 CPU cores (after benchmark/tiny.sh)
 #   DRY_RUN=1 bash benchmark/forks.sh        # print the commands only
 set -euo pipefail
@@ -24,6 +25,12 @@ for diff in benchmark/forks/*.diff; do
     train "$RUNS/${name}_$seed" env PYTHONPATH=. "$PYTHON" "$RUNS/src/$name/$script" --exp-name "$name" \
       --seed "$seed" --total-episodes "$EPISODES" --num-sample-generations 0
   done
+done
+# A rule in place of the reward model needs no diff: the script takes it as --reward-fn.
+for seed in $SEEDS; do
+  dirs+=("$RUNS/rule_reward_$seed")
+  train "$RUNS/rule_reward_$seed" "$PYTHON" rloo.py --exp-name rule_reward --seed "$seed" --total-episodes "$EPISODES" \
+    --num-sample-generations 0 --reward-fn benchmark/forks/rule_reward.py:rule_reward --reward-model-path none
 done
 for seed in $SEEDS; do dirs+=("$BASELINE/rloo_k4_$seed" "$BASELINE/ppo_$seed"); done
 run "$PYTHON" benchmark/compare_runs.py "${dirs[@]}" --gold --sft-baseline --output "$RESULTS/forks.md" \

@@ -38,7 +38,13 @@ def test_the_forks_are_small():
         with open(diff) as f:
             changed = [line for line in f if line[:1] in "+-" and not line.startswith(("+++", "---"))]
         assert len(changed) <= 15, (diff, len(changed))
-    assert len(FORKS) >= 4
+    assert len(FORKS) >= 3
+
+
+def test_the_rule_reward_needs_no_diff(tmp_path):
+    metrics = train("rloo.py", tmp_path / "run", "--total-episodes", "128", "--reward-model-path", "none",
+                    "--reward-fn", os.path.join(ROOT, "benchmark", "forks", "rule_reward.py") + ":rule_reward")
+    assert len(metrics) == 2 and metrics[0]["objective/unscored"] == 0
 
 
 @pytest.mark.parametrize("diff", FORKS, ids=[os.path.basename(d) for d in FORKS])

@@ -108,7 +108,15 @@ def write(args: Args, points: list) -> None:
     lines = [f"`{args.command}`\n" if args.command else "",
              f"Gold and proxy score and KL to the SFT policy, mean over {args.prompts} held-out prompts, one sampled "
              "completion each (same seed at every point). The peak is each run's highest gold score.\n",
-             "| run | seed | update | KL to SFT | gold score | proxy score | |", "|---|---|---|---|---|---|---|"]
+             "| run | seed | peak gold score | at KL | at update | final gold score | final proxy score | final KL |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in dict.fromkeys(point["run"] for point in points):
+        own = [point for point in points if point["run"] == run]
+        peak, last = max(own, key=lambda point: point["gold"]), own[-1]
+        lines.append(f"| {last['label']} | {last['seed']} | {peak['gold']:+.3f} | {peak['kl']:.2f} | "
+                     f"{peak['update']} | {last['gold']:+.3f} | {last['proxy']:+.3f} | {last['kl']:.2f} |")
+    lines += ["\nEvery point:\n", "| run | seed | update | KL to SFT | gold score | proxy score | |",
+              "|---|---|---|---|---|---|---|"]
     for run in dict.fromkeys(point["run"] for point in points):
         own = [point for point in points if point["run"] == run]
         peak = max(own, key=lambda point: point["gold"])

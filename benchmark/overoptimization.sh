@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 source benchmark/lib.sh
 tiny_defaults
 RUNS=${RUNS:-runs/overoptimization}
-UPDATES=${UPDATES:-800}
-EVERY=${EVERY:-100}
+UPDATES=${UPDATES:-600}
+EVERY=${EVERY:-25}
 RLOO_KL=${RLOO_KL:-0 0.01 0.05 0.2}
 PPO_KL=${PPO_KL:-0 0.05}
 SEED=${SEED:-1}

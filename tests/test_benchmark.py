@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 import tiny_world
 from benchmark import compare_runs
@@ -96,6 +96,28 @@ def test_tiny_benchmark_dry_run_lists_every_run_and_the_summary():
     assert len(runs) == 3 * 3  # seeds x (rloo k=2, rloo k=4, ppo)
     assert sum("--rloo-k 2" in c for c in runs) == 3 and sum(" ppo.py " in c for c in runs) == 3
     assert "--sft-baseline" in commands[-1] and "--gold" in commands[-1]
+
+
+def test_overoptimization_dry_run_lists_the_proxy_runs_the_oracle_and_the_measurement():
+    commands, runs = dry_run("overoptimization.sh", RLOO_KL="0 0.2", PPO_KL="0.05", UPDATES="40", EVERY="10")
+    assert len(runs) == 2 + 1 + 1  # RLOO at each KL coefficient, the oracle, PPO
+    assert sum("--reward-fn tiny_world:gold_reward --reward-model-path none" in c for c in runs) == 1
+    assert all("--total-episodes 2560 --save-every 10 --keep-checkpoints 1000" in c for c in runs)
+    assert "overoptimization.py" in commands[-1] and commands[-1].count("/nonexistent/") == len(runs) + 1
+
+
+def test_overoptimization_measures_every_checkpoint_from_the_sft_policy_on(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script("rloo.py", "--output-dir", str(run_dir), "--total-episodes", "128", "--save-every", "1",
+                        "--num-sample-generations", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "overoptimization.py"), str(run_dir),
+                             "--prompts", "32", "--output", str(tmp_path / "oo")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    points = json.load(open(tmp_path / "oo.json"))
+    assert [p["update"] for p in points] == [0, 1, 2]
+    assert points[0]["kl"] == 0.0 and points[2]["kl"] != 0.0  # the SFT policy is its own reference
+    assert (tmp_path / "oo.png").stat().st_size > 0 and "| peak |" in open(tmp_path / "oo.md").read()
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ with one epoch and one minibatch it is exactly REINFORCE with that baseline.
 import argparse
 import collections
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -127,7 +128,26 @@ class Args:
     old_logprobs: Literal["forward", "generate"] = "forward"
     """source of the sampling policy's logprobs (KL penalty and ratio): `forward` passes (the ratio is exactly 1 at
     the first minibatch) or the sampling pass itself (as TRL 0.11 takes generate()'s logits; they differ under
-    bf16, see the README)"""
+    bf16, see the README); with a separate sampler (below), `generate` takes the sampler's"""
+
+    # When the sampler is not the learner (README, "The bf16 ratio problem"): a sampler copy, and rollout correction
+    sampler_dtype: Literal["same", "fp32", "bf16", "fp16"] = "same"
+    """`same`: the policy itself samples (no copy). Otherwise a copy of the policy samples, its weights stored in
+    this dtype as an inference engine holds them (it computes in that dtype too)"""
+    sampler_sync_every: int = 1
+    """the sampler copy takes the policy's weights every this many updates, so its samples are up to N-1 updates
+    stale (1: every update; above 1 a copy is made even with --sampler-dtype same)"""
+    top_p: float = 1.0
+    """the sampler draws from the smallest set of most probable tokens holding this share of the probability"""
+    top_p_logprobs: Literal["full", "renormalized"] = "full"
+    """with --top-p below 1, the learner's and the reference's logprobs are of the full softmax (the default, as
+    TRL's trainers compute them: the ratio to the sampler then carries the kept mass) or renormalised over the tokens
+    their own top-p filter keeps, and the sampled token (as TRL PR #7269 does)"""
+    rollout_correction: Literal["none", "token-tis", "seq-tis", "seq-mis"] = "none"
+    """weight each loss term by the old policy's learner-over-sampler probability ratio: truncated at the cap per
+    token (token-tis, Yao et al. 2025) or per completion (seq-tis), or 0 above the cap (seq-mis, Liu et al. 2025)"""
+    rollout_correction_cap: float = 2.0
+    """the cap of --rollout-correction (verl's default threshold, for token and sequence alike)"""
 
     # Optimisation
     total_episodes: int = 1_000_000
@@ -248,6 +268,11 @@ def check_args(args: Args) -> None:
         (args.resume and not args.output_dir, "--resume needs --output-dir: the directory of the run to continue"),
         (args.reward_model_path == "none" and not args.reward_fn, "--reward-model-path none leaves no score: give "
          "--reward-fn too"),
+        (args.sampler_sync_every < 1, f"--sampler-sync-every must be >= 1 (got {args.sampler_sync_every})"),
+        (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1] (got {args.top_p})"),
+        (not args.rollout_correction_cap > 0, "--rollout-correction-cap must be > 0"),
+        (args.rollout_correction != "none" and args.old_logprobs == "generate", "--old-logprobs generate takes the "
+         "sampler's own logprobs, so --rollout-correction has nothing to correct; use --old-logprobs forward"),
     ]
     for failed, message in problems:
         if failed:
@@ -308,6 +333,14 @@ def logprobs_from_logits(logits, tokens, temperature):
     return TokenLogprob.apply(logits, tokens, temperature)
 
 
+def outside_top_p(tempered_logits, top_p):
+    """True at the tokens outside the nucleus, the smallest set of most probable tokens whose probability reaches
+    top_p (Holtzman et al. 2020)."""
+    probs, order = tempered_logits.softmax(-1).sort(-1, descending=True)
+    outside = probs.cumsum(-1) - probs >= top_p  # the more probable tokens hold top_p already
+    return outside.scatter(-1, order, outside)
+
+
 def forward(model, query_responses, attention_mask, **kwargs):
     # Queries are left-padded, so positions are counted over real tokens only. No KV cache: nothing follows.
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -323,22 +356,28 @@ class PolicyOutput(NamedTuple):
     logits: torch.Tensor
 
 
-def policy_forward(model, query_responses, attention_mask, context_length, temperature) -> PolicyOutput:
+def policy_forward(model, query_responses, attention_mask, context_length, temperature, top_p=1.0) -> PolicyOutput:
     """The policy's pass over query + response: the logits at position t predict token t + 1. Only the positions
-    that predict a response token go through the output layer, a small model's largest matmul (50304 x hidden)."""
+    that predict a response token go through the output layer, a small model's largest matmul (50304 x hidden).
+    With top_p below 1 the logprobs are renormalised over the model's own nucleus and the sampled token."""
     predicting = torch.arange(context_length - 1, query_responses.shape[1] - 1, device=query_responses.device)
     logits = forward(model, query_responses, attention_mask, logits_to_keep=predicting).logits
-    return PolicyOutput(logprobs_from_logits(logits, query_responses[:, context_length:], temperature), logits)
+    tokens, kept = query_responses[:, context_length:], logits
+    if top_p < 1.0:
+        outside = outside_top_p(logits.float() / temperature, top_p).scatter_(-1, tokens.unsqueeze(-1), False)
+        kept = logits.masked_fill(outside, float("-inf"))
+    return PolicyOutput(logprobs_from_logits(kept, tokens, temperature), logits)
 
 
-def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
+def response_logprobs(model, query_responses, attention_mask, context_length, temperature, top_p=1.0):
     """(B, R) logprobs of the response tokens, for the passes that train nothing (reference, rollout)."""
-    return policy_forward(model, query_responses, attention_mask, context_length, temperature).logprobs
+    return policy_forward(model, query_responses, attention_mask, context_length, temperature, top_p).logprobs
 
 
-def sample(model, queries, pad_id, stop_id, max_tokens, temperature):
-    """Samples up to max_tokens tokens after each left-padded query from softmax(logits / temperature) (no top-k or
-    top-p), one forward per token over a KV cache, until every row has sampled stop_id (None: never stop early).
+def sample(model, queries, pad_id, stop_id, max_tokens, temperature, top_p=1.0):
+    """Samples up to max_tokens tokens after each left-padded query from softmax(logits / temperature) restricted to
+    the top_p nucleus (no top-k), one forward per token over a KV cache, until every row has sampled stop_id (None:
+    never stop early).
     Returns (B, max_tokens) tokens (pad_id after a row's stop token), the mask of the real ones (the stop token
     included; a sampled pad token is real too) and each token's logprob in this sampling pass."""
     batch, device = len(queries), queries.device
@@ -354,12 +393,16 @@ def sample(model, queries, pad_id, stop_id, max_tokens, temperature):
         logits = output.logits[:, -1]
         # Inverse-CDF sampling: one uniform number per row. generate()'s torch.multinomial draws one per vocabulary
         # entry, a fifth of generation's time on a CPU. The sum runs in fp64 so that no real token falls outside it.
-        cdf = (logits.float() / temperature).softmax(-1).double().cumsum(-1)
+        tempered = logits.float() / temperature
+        if top_p < 1.0:
+            tempered = tempered.masked_fill(outside_top_p(tempered, top_p), float("-inf"))
+        cdf = tempered.softmax(-1).double().cumsum(-1)
         uniform = torch.rand(batch, 1, dtype=torch.float64, device=device) * cdf[:, -1:]
         token = torch.searchsorted(cdf, uniform, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
         mask[:, t] = ~ended
         tokens[:, t] = token.masked_fill(ended, pad_id)
-        logprobs[:, t] = logprobs_from_logits(logits, token, temperature).masked_fill(ended, 0.0)
+        token_logprob = tempered.gather(-1, token.unsqueeze(-1)).squeeze(-1) - tempered.logsumexp(-1)
+        logprobs[:, t] = token_logprob.masked_fill(ended, 0.0)
         if stop_id is not None:
             ended |= token == stop_id
         if ended.all() or t == max_tokens - 1:
@@ -452,6 +495,35 @@ def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
     return stats
 
 
+def rollout_weights(log_ratio, mask, mode, cap):
+    """Rollout correction (verl's; TIS: Yao et al. 2025; MIS: Liu et al. 2025). log_ratio is, per token, the log of
+    the old policy's probability under the learner over the sampler's. Returns (B,) tensors, one entry per loss term
+    (a completion): its ratio (the product of its token ratios), the weight the loss uses (1 with none; the ratio
+    truncated at cap with seq-tis, or 0 above cap with seq-mis; with token-tis the product of the token ratios each
+    truncated at cap, RLOO's one term per completion taking all its tokens), and whether the correction changed it."""
+    log_ratio = log_ratio.masked_fill(~mask, 0.0)
+    ratio = log_ratio.sum(1).exp()
+    if mode == "token-tis":
+        return ratio, log_ratio.clamp(max=math.log(cap)).sum(1).exp(), (log_ratio > math.log(cap)).any(1)
+    over = ratio > cap
+    weight = {"none": torch.ones_like(ratio), "seq-tis": ratio.clamp(max=cap), "seq-mis": ratio.masked_fill(over, 0.0)}
+    return ratio, weight[mode], over & (mode != "none")
+
+
+def rollout_diagnostics(log_ratio, mask, ratio, corrected):
+    """rollout/*: how far the sampler is from the learner, and what the correction did. mismatch_kl: KL(sampler ||
+    learner) per real token, by the k3 estimator r - 1 - log r (r the learner-over-sampler ratio of the sampled
+    token; verl's k3_kl); over the loss terms (completions for RLOO, real tokens for PPO): the ratio's mean, std and
+    max, the share the correction truncated or masked, and the effective sample size of the uncorrected ratios,
+    (sum r)^2 / (n sum r^2), the share of the batch plain importance sampling would use."""
+    terms = mask if ratio.dim() == 2 else torch.ones_like(ratio, dtype=torch.bool)
+    ratio, corrected = ratio[terms], corrected[terms]
+    return {"rollout/mismatch_kl": (log_ratio.exp() - 1 - log_ratio)[mask].mean().item(),
+            "rollout/is_weight_mean": ratio.mean().item(), "rollout/is_weight_std": ratio.std().item(),
+            "rollout/is_weight_max": ratio.max().item(), "rollout/corrected_share": corrected.float().mean().item(),
+            "rollout/ess": (ratio.sum() ** 2 / (len(ratio) * (ratio**2).sum())).item()}
+
+
 def update_metrics(accelerator, stats, cliprange, **completions):
     """TRL's metrics of one update, with TRL's names and definitions, over every process's completions (gather
     concatenates them in process order; on one process it changes nothing). `stats` holds one value per
@@ -475,6 +547,8 @@ def update_metrics(accelerator, stats, cliprange, **completions):
         "val/ratio": ratio.mean().item(),
         "val/ratio_var": ratio.var().item() if len(ratio) > 1 else 0.0,  # (TRL's var() of one value: NaN)
         **ratio_diagnostics(g["diag_new"], g["diag_old"], g["diag_mask"].bool(), cliprange),
+        **rollout_diagnostics(g["rollout_log_ratio"], g["response_mask"].bool(), g["is_ratio"],
+                              g["is_corrected"].bool()),
     }
 
 
@@ -602,6 +676,9 @@ def start_processes(args: Args):
                  "see the README); launch with another accelerate config")
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else None
     args.world_size = accelerator.num_processes
+    if zero_stage == 3 and (args.sampler_dtype != "same" or args.sampler_sync_every > 1):
+        sys.exit("error: a sampler copy (--sampler-dtype, --sampler-sync-every) is not supported under ZeRO-3, whose "
+                 "shards it would gather whole; use ZeRO-2 or data parallel")
     if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
         import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
 
@@ -862,6 +939,16 @@ def main(args: Args) -> None:
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped_policy = accelerator.unwrap_model(policy)
 
+    # The sampler: the policy itself, or a copy held as an inference engine holds it (--sampler-dtype) and refreshed
+    # every --sampler-sync-every updates. The copy is saved with each checkpoint, so a resumed run samples alike.
+    sampler = unwrapped_policy
+    if args.sampler_dtype != "same" or args.sampler_sync_every > 1:
+        sampler_dtype = {"same": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
+                         "fp16": torch.float16}[args.sampler_dtype]
+        sampler = copy.deepcopy(unwrapped_policy).to(sampler_dtype).requires_grad_(False).eval()
+        accelerator.register_for_checkpointing(sampler)
+    learner_top_p = args.top_p if args.top_p_logprobs == "renormalized" else 1.0
+
     @contextlib.contextmanager
     def whole_policy():
         """Under ZeRO-3 each process holds a shard of every weight, and each layer gathers its own in its forward.
@@ -936,7 +1023,8 @@ def main(args: Args) -> None:
         if epoch == 0 and train_on_rollout_forward:
             return PolicyOutput(*(tensor[idx] for tensor in kept_forward))
         with autocast(), accelerator.accumulate(policy), timed(seconds, "forward"):
-            return policy_forward(policy, query_responses[idx], attention_masks[idx], context_length, temperature)
+            return policy_forward(policy, query_responses[idx], attention_masks[idx], context_length, temperature,
+                                  learner_top_p)
 
     def score(queries, responses, response_mask, rows) -> torch.Tensor:
         """(b,) scores of one chunk's completions: --reward-model-weight x the reward model's (read at the last real
@@ -976,17 +1064,19 @@ def main(args: Args) -> None:
     for update in range(first_update, args.num_updates + 1):
         update_start = time.perf_counter()
         seconds = dict.fromkeys(("generation", "forward", "backward", "optimizer"), 0.0)  # the rest is time/other
+        if sampler is not unwrapped_policy and (update - 1) % args.sampler_sync_every == 0:
+            sampler.load_state_dict(unwrapped_policy.state_dict())  # the engine takes the policy's weights
         # 1. Rollout: every prompt k times, as k blocks of the batch (completion j of prompt i at j * B + i).
         prompt_ids, prompt_rows = next(batches)
         queries, rows = prompt_ids.repeat(args.rloo_k, 1).to(device), prompt_rows * args.rloo_k  # (k * B, Tq)
         context_length = queries.shape[1]
-        chunks = []  # (responses, mask, logprobs, ref_logprobs, scores) of each chunk
+        chunks = []  # (responses, mask, logprobs, ref_logprobs, scores, sampler's logprobs) of each chunk
         with torch.no_grad(), autocast():
             for i in range(0, len(queries), args.local_rollout_forward_batch_size):  # chunk_*: this chunk's rows
                 chunk_queries = queries[i : i + args.local_rollout_forward_batch_size]
                 with whole_policy(), timed(seconds, "generation"):
                     chunk_responses, chunk_mask, sampled_logprobs = sample(
-                        unwrapped_policy, chunk_queries, pad_id, stop_id, args.response_length, temperature)  # (b, R)
+                        sampler, chunk_queries, pad_id, stop_id, args.response_length, temperature, args.top_p)
                 chunk_attention_mask = torch.cat([chunk_queries != pad_id, chunk_mask], 1)
                 chunk_query_responses = torch.cat([chunk_queries, chunk_responses], 1)
                 if not torch.isfinite(sampled_logprobs).all():  # NaN logits would be sampled as the last token
@@ -994,7 +1084,7 @@ def main(args: Args) -> None:
                 with timed(seconds, "forward"):
                     # The frozen models first, so that a policy graph kept for training never waits beside them.
                     chunk_ref_logprobs = response_logprobs(ref_policy, chunk_query_responses, chunk_attention_mask,
-                                                           context_length, temperature)
+                                                           context_length, temperature, learner_top_p)
                     chunk_scores = score(chunk_queries, chunk_responses, chunk_mask,
                                          rows[i : i + args.local_rollout_forward_batch_size])
                     if args.old_logprobs == "generate":
@@ -1002,13 +1092,16 @@ def main(args: Args) -> None:
                     elif train_on_rollout_forward:  # the first epoch's training pass, kept (see training_forward)
                         with torch.enable_grad(), accelerator.accumulate(policy):
                             kept_forward = policy_forward(policy, chunk_query_responses, chunk_attention_mask,
-                                                          context_length, temperature)
+                                                          context_length, temperature, learner_top_p)
                         chunk_logprobs = kept_forward.logprobs.detach()
                     else:
                         chunk_logprobs = response_logprobs(unwrapped_policy, chunk_query_responses,
-                                                           chunk_attention_mask, context_length, temperature)
-                chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores))
-        responses, response_mask, logprobs, ref_logprobs, scores = map(torch.cat, zip(*chunks))  # (k * B, R), (k * B,)
+                                                           chunk_attention_mask, context_length, temperature,
+                                                           learner_top_p)
+                chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores,
+                               sampled_logprobs))
+        responses, response_mask, logprobs, ref_logprobs, scores, sampler_logprobs = map(
+            torch.cat, zip(*chunks))  # (k * B, R), scores (k * B,)
         logprobs, ref_logprobs = (x.masked_fill(~response_mask, 0.0) for x in (logprobs, ref_logprobs))
         query_responses = torch.cat([queries, responses], 1)
         attention_masks = torch.cat([queries != pad_id, response_mask], 1)
@@ -1026,6 +1119,11 @@ def main(args: Args) -> None:
         non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward
         advantages = rloo_advantages(rlhf_reward, args.rloo_k)
+        # The sampler is not the learner: per token, the old policy's log-probability under the learner minus under
+        # the sampler (0 with --old-logprobs generate, where they are the same numbers), and the correction's weights.
+        rollout_log_ratio = logprobs - sampler_logprobs
+        is_ratio, is_weights, is_corrected = rollout_weights(rollout_log_ratio, response_mask, args.rollout_correction,
+                                                             args.rollout_correction_cap)
 
         # 3. Optimise: PPO-clip on the sequence-level ratio; epochs x minibatches x accumulated micro-batches, each
         #    process over its own completions (its share of every minibatch), the gradients averaged over processes.
@@ -1045,7 +1143,9 @@ def main(args: Args) -> None:
                         # exactly 1, whereas GPU kernels may round the rollout pass's other batch shape differently.
                         old_logprobs = new_logprobs.detach()
                     new_seq, old_seq = new_logprobs.sum(1), old_logprobs.sum(1)
-                    loss, clipfrac = ppo_clip_loss(new_seq, old_seq, advantages[idx], args.cliprange)
+                    # Rollout correction: each completion's term weighted by is_weights (1 without it). A weight w >= 0
+                    # scales a clipped term, the same as scaling its advantage (rollout_weights has the estimators).
+                    loss, clipfrac = ppo_clip_loss(new_seq, old_seq, advantages[idx] * is_weights[idx], args.cliprange)
                     # Checked before backward, inside which DeepSpeed steps (fp16's loss scaling skips such steps)
                     if args.dtype != "fp16" and not torch.isfinite(loss):
                         stop_non_finite(update, "loss")
@@ -1066,7 +1166,8 @@ def main(args: Args) -> None:
         metrics = {
             **update_metrics(accelerator, stats, args.cliprange, kl=kl, logprobs=logprobs,
                              response_mask=response_mask.long(), non_score_reward=non_score_reward,
-                             rlhf_reward=rlhf_reward, scores=scores, scored=scored.long()),
+                             rlhf_reward=rlhf_reward, scores=scores, scored=scored.long(),
+                             rollout_log_ratio=rollout_log_ratio, is_ratio=is_ratio, is_corrected=is_corrected.long()),
             "val/num_eos_tokens": (responses == eos_id).sum().item(),  # this process's, as TRL logs it
             "lr": scheduler.get_last_lr()[0],
             "episode": update * args.batch_size,

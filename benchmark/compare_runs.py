@@ -81,6 +81,11 @@ def summarise_run(run_dir: str, gold: bool, gold_prompts: int, judge_model: str 
         "training minutes": sum(series("time/update")) / 60,
         "peak memory (GB)": max(series("memory/peak_gb")),
     }
+    if "rollout/mismatch_kl" in metrics[0]:  # the sampler against the learner (runs made since it could differ)
+        figures.update({"mismatch kl (mean)": statistics.mean(series("rollout/mismatch_kl")),
+                        "is ratio max": max(series("rollout/is_weight_max")),
+                        "ess (mean)": statistics.mean(series("rollout/ess")),
+                        "corrected share (mean)": statistics.mean(series("rollout/corrected_share"))})
     if gold:
         figures.update(gold_figures(run_dir, gold_prompts))
     pattern = f"judge_{judge_model.replace('/', '_')}" if judge_model else "judge_*"

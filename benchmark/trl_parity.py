@@ -280,7 +280,7 @@ def run_ours(world, case, output):
     batch = case["per_device"] * case["accumulation"] * case["minibatches"]
     recorder = Recorder(world, batch, case.get("completions", "completions"))
 
-    def fixed_sample(model, queries, pad_id, stop_id, max_tokens, temperature):
+    def fixed_sample(model, queries, pad_id, stop_id, max_tokens, temperature, top_p=1.0):
         """sample()'s contract with the fixed tokens: padding after the first stop token, the mask of the real ones."""
         tokens = torch.tensor([recorder.completion(cid) for cid in recorder.identify(queries)], device=queries.device)
         after_stop = (tokens == stop_id).long().cumsum(1) - (tokens == stop_id).long() > 0

@@ -106,6 +106,14 @@ def test_overoptimization_dry_run_lists_the_proxy_runs_the_oracle_and_the_measur
     assert "overoptimization.py" in commands[-1] and commands[-1].count("/nonexistent/") == len(runs) + 1
 
 
+def test_mismatch_study_dry_run_crosses_every_source_with_every_correction():
+    commands, runs = dry_run("mismatch_study.sh", SEEDS="1", PPO_ROWS="stale16:seq-tis")
+    assert len(runs) == 6 * 4 + 1  # sources x corrections for RLOO, and the PPO row
+    assert sum("--sampler-dtype bf16" in c for c in runs) == 4 and sum("--top-p 0.8" in c for c in runs) == 4
+    assert sum("--sampler-sync-every 16 --rollout-correction seq-tis" in c for c in runs) == 2
+    assert "compare_runs.py" in commands[-1] and "mismatch kl (mean)" in commands[-1]
+
+
 def test_overoptimization_measures_every_checkpoint_from_the_sft_policy_on(tmp_path):
     run_dir = tmp_path / "run"
     result = run_script("rloo.py", "--output-dir", str(run_dir), "--total-episodes", "128", "--save-every", "1",

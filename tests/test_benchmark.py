@@ -111,7 +111,7 @@ def test_mismatch_study_dry_run_crosses_every_source_with_every_correction():
     assert len(runs) == 6 * 4 + 1  # sources x corrections for RLOO, and the PPO row
     assert sum("--sampler-dtype bf16" in c for c in runs) == 4 and sum("--top-p 0.8" in c for c in runs) == 4
     assert sum("--sampler-sync-every 16 --rollout-correction seq-tis" in c for c in runs) == 2
-    assert "compare_runs.py" in commands[-1] and "mismatch kl (mean)" in commands[-1]
+    assert "compare_runs.py" in commands[-1] and "mismatch\\ kl" in commands[-1]
 
 
 def test_overoptimization_measures_every_checkpoint_from_the_sft_policy_on(tmp_path):

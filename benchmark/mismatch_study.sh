@@ -9,8 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmark/lib.sh
+SEEDS=${SEEDS:-1}  # (before tiny_defaults, whose default is 3 seeds)
 tiny_defaults
-SEEDS=${SEEDS:-1}
 RUNS=${RUNS:-runs/mismatch}
 SOURCES=${SOURCES:-none bf16 fp16 topp0.8 stale4 stale16}
 CORRECTIONS=${CORRECTIONS:-none seq-tis seq-mis token-tis}

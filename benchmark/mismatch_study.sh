@@ -26,25 +26,21 @@ source_flags() {
   esac
 }
 
+# one SCRIPT SOURCE CORRECTION SEED: a run of rloo or ppo with that source of mismatch and that correction
+one() {
+  local dir="$RUNS/${1}_${2}_${3}_$4"
+  dirs+=("$dir")
+  # shellcheck disable=SC2046  # the source's flags are a list
+  train "$dir" "$PYTHON" "$1.py" --exp-name "${1}_$2" --seed "$4" --total-episodes "$EPISODES" \
+    --num-sample-generations 0 $(source_flags "$2") --rollout-correction "$3"
+}
+
 dirs=()
 for seed in $SEEDS; do
   for source in $SOURCES; do
-    for correction in $CORRECTIONS; do
-      dirs+=("$RUNS/rloo_${source}_${correction}_$seed")
-      # shellcheck disable=SC2046  # the source's flags are a list
-      train "$RUNS/rloo_${source}_${correction}_$seed" "$PYTHON" rloo.py --exp-name "rloo_${source}" --seed "$seed" \
-        --total-episodes "$EPISODES" --num-sample-generations 0 $(source_flags "$source") \
-        --rollout-correction "$correction"
-    done
+    for correction in $CORRECTIONS; do one rloo "$source" "$correction" "$seed"; done
   done
-  for row in $PPO_ROWS; do
-    source=${row%%:*} correction=${row#*:}
-    dirs+=("$RUNS/ppo_${source}_${correction}_$seed")
-    # shellcheck disable=SC2046
-    train "$RUNS/ppo_${source}_${correction}_$seed" "$PYTHON" ppo.py --exp-name "ppo_${source}" --seed "$seed" \
-      --total-episodes "$EPISODES" --num-sample-generations 0 $(source_flags "$source") \
-      --rollout-correction "$correction"
-  done
+  for row in $PPO_ROWS; do one ppo "${row%%:*}" "${row#*:}" "$seed"; done
 done
 run "$PYTHON" benchmark/compare_runs.py "${dirs[@]}" --gold --sft-baseline --output "$RESULTS/mismatch_study.md" \
   --columns "gold win rate" "gold win rate 95% CI" "kl, last 10%" "mismatch kl (mean)" "is ratio max" "ess (mean)" \

@@ -48,6 +48,9 @@ class Args:
     """the figures to show, by name and in this order (default: all)"""
     output: str = ""
     """also write the table (and the per-run figures as JSON next to it) to this markdown file"""
+    label_args: tuple[str, ...] = ()
+    """label rows by --exp-name and these arguments only (default: every argument whose value differs); rows that
+    differ in another argument stay apart under one label"""
     plot: str = ""
     """also draw --plot-figure per configuration as a bar chart (PNG) to this file"""
     plot_figure: str = "gold win rate"
@@ -137,7 +140,7 @@ def cell(column: str, figures: list) -> str:
     return f"{statistics.mean(values):.4g}" + (f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else "")
 
 
-def labelled_rows(summaries: list, baseline=None) -> list:
+def labelled_rows(summaries: list, baseline=None, label_args=()) -> list:
     """[(label, seeds, [figures of each seed])], one per configuration, the baseline (name, figures) first.
     A label is the script (exp_name) and every argument whose value differs among the runs that have it (an
     argument only one script has, such as rloo_k, labels rows only when it varies within that script)."""
@@ -146,6 +149,7 @@ def labelled_rows(summaries: list, baseline=None) -> list:
         groups.setdefault(configuration(summary["args"]), []).append(summary)
     keys = sorted({k for config in groups for k, _ in config} - DERIVED_ARGS - {"exp_name"})
     varying = [k for k in keys if len({dict(config)[k] for config in groups if k in dict(config)}) > 1]
+    varying = [k for k in varying if k in label_args] if label_args else varying
     rows = [(baseline[0], "-", [baseline[1]])] if baseline else []
     for config, members in groups.items():
         config = dict(config)
@@ -154,22 +158,22 @@ def labelled_rows(summaries: list, baseline=None) -> list:
     return rows
 
 
-def table(summaries: list, columns=(), baseline=None) -> str:
+def table(summaries: list, columns=(), baseline=None, label_args=()) -> str:
     columns = list(columns or dict.fromkeys(name for summary in summaries for name in summary["figures"]))
     lines = ["| run | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for label, seeds, figures in labelled_rows(summaries, baseline):
+    for label, seeds, figures in labelled_rows(summaries, baseline, label_args):
         lines.append(f"| {label} | {seeds} | " + " | ".join(cell(c, figures) for c in columns) + " |")
     return "\n".join(lines)
 
 
-def plot(summaries: list, figure: str, path: str, baseline=None) -> None:
+def plot(summaries: list, figure: str, path: str, baseline=None, label_args=()) -> None:
     """A bar per configuration: the mean of `figure`, with its 95% interval for a win rate, else ± std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row in labelled_rows(summaries, baseline) if all(figure in f for f in row[2])]
+    rows = [row for row in labelled_rows(summaries, baseline, label_args) if all(figure in f for f in row[2])]
     means, errors = [], []
     for _, _, figures in rows:
         if f"{figure} 95% CI" in figures[0]:
@@ -179,10 +183,12 @@ def plot(summaries: list, figure: str, path: str, baseline=None) -> None:
             mean, half = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
         means.append(mean)
         errors.append(half)
-    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.8))
-    ax.bar(range(len(rows)), means, yerr=errors, capsize=6, color="tab:blue")
-    ax.set_xticks(range(len(rows)), [label.replace(" ", "\n") for label, _, _ in rows])
-    ax.set_ylabel(figure)
+    # horizontal bars, top to bottom in the table's order, so that long labels stay readable
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), means, xerr=errors, capsize=4, color="tab:blue")
+    ax.set_yticks(range(len(rows)), [f"{label} ({seeds})" for label, seeds, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(figure + " (seeds in brackets)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -201,7 +207,7 @@ def main(args: Args) -> None:
         import tiny_world
 
         baseline = ("SFT", gold_figures(tiny_world.ensure_world()["sft_model_path"], args.gold_prompts))
-    text = table(summaries, args.columns, baseline)
+    text = table(summaries, args.columns, baseline, args.label_args)
     print(text)
     if args.output:
         with open(args.output, "w") as f:
@@ -209,7 +215,7 @@ def main(args: Args) -> None:
         with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
             json.dump(summaries, f, indent=2)
     if args.plot:
-        plot(summaries, args.plot_figure, args.plot, baseline)
+        plot(summaries, args.plot_figure, args.plot, baseline, args.label_args)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,11 @@ def test_compare_runs_labels_script_specific_arguments_that_vary_and_selects_col
     header, rows = rows_of(runs, columns=("updates", "peak memory (GB)"))
     assert [row[0] for row in rows] == ["ppo vf_coef=0.1", "ppo vf_coef=0.2", "rloo"]
     assert header == ["run", "seeds", "updates", "peak memory (GB)"] and rows[0][2:] == ["1", "0.5"]
+    summaries = [compare_runs.summarise_run(r, gold=False, gold_prompts=0) for r in runs]
+    labels = [label for label, _, _ in compare_runs.labelled_rows(summaries, label_args=("gamma",))]
+    assert labels == ["ppo", "ppo", "rloo"]  # vf_coef was not asked for: two rows, one label
+    compare_runs.plot(summaries, "clipfrac (mean)", str(tmp_path / "plot.png"), label_args=("vf_coef",))
+    assert (tmp_path / "plot.png").stat().st_size > 1000
 
 
 def test_win_rate_interval_arithmetic():
@@ -106,12 +111,16 @@ def test_overoptimization_dry_run_lists_the_proxy_runs_the_oracle_and_the_measur
     assert "overoptimization.py" in commands[-1] and commands[-1].count("/nonexistent/") == len(runs) + 1
 
 
-def test_mismatch_study_dry_run_crosses_every_source_with_every_correction():
-    commands, runs = dry_run("mismatch_study.sh", SEEDS="1", PPO_ROWS="stale16:seq-tis")
-    assert len(runs) == 6 * 4 + 1  # sources x corrections for RLOO, and the PPO row
-    assert sum("--sampler-dtype bf16" in c for c in runs) == 4 and sum("--top-p 0.8" in c for c in runs) == 4
-    assert sum("--sampler-sync-every 16 --rollout-correction seq-tis" in c for c in runs) == 2
-    assert "compare_runs.py" in commands[-1] and "mismatch\\ kl" in commands[-1]
+def test_mismatch_study_dry_run_crosses_every_source_with_every_correction_and_reseeds_the_close_rows():
+    commands, runs = dry_run("mismatch_study.sh", SEEDS="1", CLOSE_SEEDS="2 3", PPO_ROWS="stale16:seq-tis",
+                             CLOSE_ROWS="rloo:stale16:* ppo:*")
+    assert len(runs) == 7 * 4 + 4 * 2 + 1 * 3  # sources x corrections for RLOO, two more seeds on the close rows
+    assert sum("--sampler-dtype bf16" in c for c in runs) == 4
+    assert sum("--top-p 0.8 --top-p-logprobs renormalized" in c for c in runs) == 4
+    assert sum("--top-p 0.8 --rollout-correction" in c for c in runs) == 4
+    stale16_seq_tis = [c for c in runs if "--sampler-sync-every 16 --rollout-correction seq-tis" in c]
+    assert sorted(c.split("--seed ")[1][0] for c in stale16_seq_tis) == ["1", "1", "2", "2", "3", "3"]
+    assert "compare_runs.py" in commands[-1] and "mismatch\\ kl" in commands[-1] and "--plot" in commands[-1]
 
 
 def test_overoptimization_measures_every_checkpoint_from_the_sft_policy_on(tmp_path):

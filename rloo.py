@@ -166,6 +166,21 @@ class Args:
     """recompute each layer's activations in backward instead of keeping them (less memory, about a third more
     compute in training)"""
 
+    # LoRA (README, "LoRA: one model is policy and reference")
+    lora_r: int = 0
+    """rank of the LoRA adapters (0: full fine-tuning). With LoRA only the adapters train, and the reference policy
+    is the policy with its adapters switched off: one copy of the SFT weights (fp32, as the policy's), not two"""
+    lora_alpha: Optional[float] = None
+    """the adapters' output is scaled by lora_alpha / lora_r (default: 2 x lora_r, a scale of 2)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input; above 0 it acts in every pass of the policy (sampling too), so two passes of
+    the same weights disagree and the first minibatch's ratio is no longer 1"""
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    """the layers that get adapters, by name (`all-linear`: every linear layer but the output layer, in GPT-NeoX
+    and Llama-style models alike)"""
+    merge_lora_on_save: bool = False
+    """also save the policy with its adapters merged into its weights, to OUTPUT_DIR/merged (loads without peft)"""
+
     # Logging
     num_sample_generations: int = 10
     """how many times during training a table of sample completions is shown"""
@@ -273,6 +288,11 @@ def check_args(args: Args) -> None:
         (not args.rollout_correction_cap > 0, "--rollout-correction-cap must be > 0"),
         (args.rollout_correction != "none" and args.old_logprobs == "generate", "--old-logprobs generate takes the "
          "sampler's own logprobs, so --rollout-correction has nothing to correct; use --old-logprobs forward"),
+        (args.lora_r < 0, f"--lora-r must be >= 0 (got {args.lora_r}; 0 is full fine-tuning)"),
+        (not 0 <= args.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})"),
+        (args.merge_lora_on_save and not args.lora_r, "--merge-lora-on-save needs --lora-r: there is nothing to merge"),
+        (args.lora_r > 0 and (args.sampler_dtype != "same" or args.sampler_sync_every > 1), "a sampler copy "
+         "(--sampler-dtype, --sampler-sync-every) is not supported with --lora-r; drop one of them"),
     ]
     for failed, message in problems:
         if failed:
@@ -423,6 +443,36 @@ def checkpoint_layers(model):
             layer.forward = lambda *args, plain=layer.forward, **kwargs: (
                 torch.utils.checkpoint.checkpoint(plain, *args, use_reentrant=False, **kwargs)
                 if torch.is_grad_enabled() else plain(*args, **kwargs))
+
+
+def with_lora(policy, args: Args):
+    """LoRA (Hu et al. 2021), with peft: the policy's weights frozen, trained low-rank adapters beside the
+    --lora-target-modules layers. An adapter's B starts at 0, so until the first step the adapted policy IS the SFT
+    policy. The reference policy is the same model with its adapters switched off (as TRL does with peft): one copy
+    of the weights where full fine-tuning holds two. Returns (policy, reference)."""
+    try:
+        import peft
+    except ImportError:
+        sys.exit("error: --lora-r needs peft: pip install peft")
+    modules = args.lora_target_modules
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, task_type="CAUSAL_LM",
+                             lora_dropout=args.lora_dropout,
+                             target_modules=modules[0] if modules == ("all-linear",) else list(modules))
+    try:
+        policy = peft.get_peft_model(policy, config)
+    except ValueError as error:  # no layer has those names
+        sys.exit(f"error: --lora-target-modules {' '.join(modules)}: {str(error).splitlines()[0]}")
+    if os.path.isdir(args.sft_model_path):  # the saved adapters name their base: a local one by its absolute path
+        policy.peft_config["default"].base_model_name_or_path = os.path.abspath(args.sft_model_path)
+    for name, module in policy.named_modules():
+        if name.endswith("lora_dropout"):
+            module.train()  # every model stays in eval mode, which would switch --lora-dropout off
+
+    def reference(*inputs, **kwargs):
+        with policy.disable_adapter():
+            return policy(*inputs, **kwargs)
+
+    return policy, reference
 
 
 def reward_scores(reward_model, query_responses, attention_mask, last_index):
@@ -679,6 +729,9 @@ def start_processes(args: Args):
     if zero_stage == 3 and (args.sampler_dtype != "same" or args.sampler_sync_every > 1):
         sys.exit("error: a sampler copy (--sampler-dtype, --sampler-sync-every) is not supported under ZeRO-3, whose "
                  "shards it would gather whole; use ZeRO-2 or data parallel")
+    if zero_stage == 3 and args.lora_r:
+        sys.exit("error: --lora-r is not supported under ZeRO-3 (the frozen weights fit where LoRA is the point); use "
+                 "ZeRO-2 or data parallel")
     if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
         import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
 
@@ -739,7 +792,7 @@ def check_output_dir(args: Args, accelerator):
                      "nothing to resume; pass --overwrite to train it again")
     if args.resume and saved:  # (settings a fork added or removed cannot be compared)
         changed = [f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {saved[k]} -> {v}"
-                   for k, v in dataclasses.asdict(args).items()
+                   for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()  # (tuples as args.json has them)
                    if k not in RUN_ONLY_SETTINGS | DERIVED_SETTINGS and k in saved and saved[k] != v]
         if changed:
             sys.exit(f"error: --resume needs the interrupted run's settings (its args.json), but {', '.join(changed)}")
@@ -901,8 +954,11 @@ def main(args: Args) -> None:
     # model already sharded over the processes.)
     policy = load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
                           args.sft_model_path, "SFT policy", "--sft-model-path").eval()
-    ref_policy = frozen(load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
-                                     args.sft_model_path, "SFT policy", "--sft-model-path"))
+    if args.lora_r:  # the reference is the policy with its adapters off
+        policy, ref_policy = with_lora(policy, args)
+    else:
+        ref_policy = frozen(load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
+                                         args.sft_model_path, "SFT policy", "--sft-model-path"))
     reward_model = None if args.reward_model_path == "none" else frozen(load_or_exit(
         lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1,
                                                                      output_loading_info=True),
@@ -921,8 +977,9 @@ def main(args: Args) -> None:
     if args.gradient_checkpointing:
         for model in (policy,):
             checkpoint_layers(model)
-    models = [m for m in (policy, ref_policy, reward_model) if m is not None]  # RLOO holds three: no value model
-    parameters = list(policy.parameters())
+    # RLOO holds three models (no value model), two with LoRA
+    models = [m for m in (policy, ref_policy, reward_model) if isinstance(m, torch.nn.Module)]
+    parameters = [p for p in policy.parameters() if p.requires_grad]  # with LoRA, the adapters only
     # fused: one kernel for all the parameters (5.5x faster than the default foreach on this CPU, also on GPUs)
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0, fused=True)
     count = lambda params: sum(getattr(p, "ds_numel", p.numel()) for p in params)  # noqa: E731 (ZeRO-3: full sizes)
@@ -1194,9 +1251,12 @@ def main(args: Args) -> None:
     state_dict = accelerator.get_state_dict(policy)
     if is_main:
         metrics_file.close()
-        unwrapped_policy.save_pretrained(args.output_dir, state_dict=state_dict)
+        unwrapped_policy.save_pretrained(args.output_dir, state_dict=state_dict)  # with LoRA, the adapters
         tokenizer.save_pretrained(args.output_dir)
         print(f"saved the policy and tokenizer to {args.output_dir}")
+        if args.merge_lora_on_save:  # the adapters added into the weights: a plain model (the run ends here)
+            unwrapped_policy.merge_and_unload().save_pretrained(os.path.join(args.output_dir, "merged"))
+            tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
         if args.track:
             wandb.finish()
     accelerator.wait_for_everyone()  # no process exits while another still needs it

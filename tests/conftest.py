@@ -46,7 +46,7 @@ def assert_same_run(reference, resumed):
     timing = ("time/", "eps", "memory/")
     strip = lambda rows: [{k: v for k, v in row.items() if not k.startswith(timing)} for row in rows]  # noqa: E731
     assert strip(read_metrics(resumed)) == strip(read_metrics(reference))
-    for weights in ["model.safetensors", "value_model/model.safetensors"]:
+    for weights in ["model.safetensors", "adapter_model.safetensors", "value_model/model.safetensors"]:
         if (reference / weights).exists():
             expected, got = load_file(reference / weights), load_file(resumed / weights)
             assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), weights

@@ -207,3 +207,24 @@ def test_training_on_the_rollout_forward_computes_the_update_of_a_separate_forwa
         for name in ["objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "policy/approxkl_avg",
                      "val/ratio", "diag/ratio_token_max"]:
             assert kept_update[name] == pytest.approx(separate_update[name], rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize("script,zero_config", [("rloo", None), ("ppo", "zero2.yaml")])
+def test_lora_on_two_processes_computes_what_one_process_computes(tmp_path, script, zero_config):
+    """LoRA under data parallel (RLOO) and DeepSpeed ZeRO-2 (PPO): the processes start from the same adapters (the
+    engine takes the main process's randomly drawn A), hold the same ones after every step, and sample and score
+    what one process with twice the batch does, at a KL of exactly 0 before the first step."""
+    if zero_config:
+        pytest.importorskip("deepspeed")
+    common = ["--total-episodes", "64", "--gradient-accumulation-steps", "2", "--local-rollout-forward-batch-size", "8",
+              "--lora-r", "4", *(["--rloo-k", "2"] if script == "rloo" else [])]
+    one_metrics, (one,) = run(script, tmp_path, "one", 1, *common, "--per-device-train-batch-size", "16")
+    two_metrics, (rank0, rank1) = run(script, tmp_path, "two", 2, *common, "--per-device-train-batch-size", "8",
+                                      zero_config=zero_config)
+    assert len(rank0["checksums"]) == len(one["checksums"]) > 0 and rank0["checksums"] == rank1["checksums"]
+    assert two_metrics[0]["objective/kl"] == 0.0
+    assert_same_update(one_metrics[0], two_metrics[0], ["objective/scores", "objective/rlhf_reward", "objective/entropy"])
+    if script == "rloo":  # (see the test above: PPO's gradient legitimately differs with the micro-batches)
+        assert_same_update(one_metrics[0], two_metrics[0], ["loss/policy_avg"])
+        assert rank0["grad_norms"][0] == pytest.approx(one["grad_norms"][0], rel=1e-4)
+        assert rank0["checksums"][0] == pytest.approx(one["checksums"][0], rel=1e-6)

@@ -5,9 +5,13 @@ policy, reference, reward model and PPO's value model, over the tiny world's pro
 depends on the shapes, not on what the weights have learned. Each script runs as its own process, so that its
 peak memory (CUDA's max allocated on a GPU, the process's peak RSS on a CPU, as the scripts log it) is its own.
 Both scripts get the same batch, response length, epochs and minibatches; RLOO's batch is B/k prompts x k.
+With --lora-r 0 16, each script runs with full fine-tuning and with LoRA at rank 16. Beside the measured peak, the
+table gives the parameters held and trained (as the scripts count them) and the model state they make by
+arithmetic: 4 bytes per fp32 weight held, and 12 more per trained one (its gradient and AdamW's two moments).
 Writes a markdown table, JSON and a bar chart (PNG) like the source document's figure.
 
     python benchmark/memory_runtime.py                                  # 14m, 70m, 160m shapes, CPU
+    python benchmark/memory_runtime.py --lora-r 0 16                    # full fine-tuning and LoRA
     python benchmark/memory_runtime.py --sizes 1b 2.8b --updates 5      # on a GPU
 """
 
@@ -54,6 +58,8 @@ class Args:
     """compute precision of both scripts"""
     gradient_checkpointing: bool = False
     """run both scripts with --gradient-checkpointing"""
+    lora_r: tuple[int, ...] = (0,)
+    """LoRA ranks to run each script with (0: full fine-tuning)"""
     learning_rate: float = 3e-6
     """the Pythia presets' (and TRL's default); the tiny preset's 1e-4 moves a random 70m policy so far in 4 epochs
     that RLOO's sequence ratio overflows, and the run stops on the non-finite gradient"""
@@ -91,7 +97,7 @@ def build_models(size: str, root: str) -> dict:
     return paths
 
 
-def measure(script: str, paths: dict, dataset: str, args: Args, output_dir: str) -> dict:
+def measure(script: str, paths: dict, dataset: str, args: Args, output_dir: str, lora_r: int = 0) -> dict:
     rloo = script == "rloo.py"
     flags = ["--sft-model-path", paths["sft_model_path"], "--reward-model-path", paths["reward_model_path"],
              "--dataset-name", dataset, "--output-dir", output_dir, "--dtype", args.dtype,
@@ -103,17 +109,20 @@ def measure(script: str, paths: dict, dataset: str, args: Args, output_dir: str)
              str(args.response_length), "--stop-token", "None", "--num-ppo-epochs", str(args.num_ppo_epochs),
              "--max-prompt-length", "64", "--learning-rate", str(args.learning_rate),
              *(["--rloo-k", str(args.rloo_k)] if rloo else []),
-             *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
+             *(["--gradient-checkpointing"] if args.gradient_checkpointing else []), "--lora-r", str(lora_r)]
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], capture_output=True, text=True)
     if result.returncode != 0:  # out of memory is a result too: the row says so and the benchmark goes on
         lines = result.stderr.strip().splitlines()
         return {"failed": lines[-1] if lines else f"exit code {result.returncode}"}
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
-    held = next((line for line in result.stdout.splitlines() if "models hold" in line), "")
+    # "N models hold H M parameters; T M are trained (...)"
+    held = next(line for line in result.stdout.splitlines() if "models hold" in line).split()
+    held_m, trained_m = float(held[3].removesuffix("M")), float(held[5].removesuffix("M"))
     return {"s_per_update": median(m["time/update"] for m in metrics[1:]),
             **{f"{phase}_s": median(m[f"time/{phase}"] for m in metrics[1:]) for phase in PHASES},
-            "peak_gb": max(m["memory/peak_gb"] for m in metrics), "parameters": held}
+            "peak_gb": max(m["memory/peak_gb"] for m in metrics), "models": int(held[0]), "held_m": held_m,
+            "trained_m": trained_m, "model_state_gb": (4 * held_m + 12 * trained_m) / 1e3}
 
 
 def write_results(prefix: str, script: str, table: str, record: dict) -> None:
@@ -125,6 +134,10 @@ def write_results(prefix: str, script: str, table: str, record: dict) -> None:
         json.dump(record, f, indent=2)
 
 
+def label(row: dict) -> str:
+    return row["script"].removesuffix(".py").upper() + (f" LoRA r={row['lora_r']}" if row["lora_r"] else "")
+
+
 def plot(rows: list, path: str, device: str) -> None:
     import matplotlib
 
@@ -132,16 +145,18 @@ def plot(rows: list, path: str, device: str) -> None:
     import matplotlib.pyplot as plt
 
     sizes = list(dict.fromkeys(r["size"] for r in rows))
+    series = list(dict.fromkeys(label(r) for r in rows))
+    width = 0.8 / len(series)
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, title in ((axes[0], "peak_gb", "peak memory (GB)"), (axes[1], "s_per_update", "seconds per update")):
-        for offset, script, color in ((-0.2, "rloo.py", "tab:blue"), (0.2, "ppo.py", "tab:orange")):
+        for i, name in enumerate(series):
             # A failed run (out of memory) has no bar.
-            values = [next(r.get(key, 0.0) for r in rows if r["size"] == s and r["script"] == script) for s in sizes]
-            ax.bar([i + offset for i in range(len(sizes))], values, width=0.4, label=script.removesuffix(".py").upper(),
-                   color=color)
+            values = [next(r.get(key, 0.0) for r in rows if r["size"] == s and label(r) == name) for s in sizes]
+            ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(sizes))], values, width=width,
+                   label=name)
         ax.set_xticks(range(len(sizes)), [f"pythia-{s} shape" for s in sizes])
         ax.set_title(f"{title}, {device}")
-        ax.legend()
+        ax.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -160,28 +175,35 @@ def main(args: Args) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for size in args.sizes:
             paths = build_models(size, cache)
-            for script in ("rloo.py", "ppo.py"):
-                row = {"size": size, "script": script,
-                       **measure(script, paths, world["dataset_name"], args, os.path.join(scratch, f"{size}-{script}"))}
-                rows.append(row)
-                print(f"pythia-{size} shape, {script}: " + (f"failed: {row['failed']}" if "failed" in row else
-                      f"{row['s_per_update']:.2f} s/update, {row['peak_gb']:.2f} GB peak ({row['parameters']})"), flush=True)
+            for lora_r in args.lora_r:
+                for script in ("rloo.py", "ppo.py"):
+                    row = {"size": size, "script": script, "lora_r": lora_r,
+                           **measure(script, paths, world["dataset_name"], args,
+                                     os.path.join(scratch, f"{size}-{script}-{lora_r}"), lora_r)}
+                    rows.append(row)
+                    print(f"pythia-{size} shape, {label(row)}: " + (f"failed: {row['failed']}" if "failed" in row else
+                          f"{row['s_per_update']:.2f} s/update, {row['peak_gb']:.2f} GB peak, {row['trained_m']:.2f}M "
+                          f"of {row['held_m']:.2f}M parameters trained"), flush=True)
     memory = "CUDA max allocated" if device == "cuda" else "peak RSS of the process"
     lines = [f"{args.batch_size} completions x {args.response_length} tokens per update, {args.num_ppo_epochs} epoch(s), "
              f"{args.dtype}{', gradient checkpointing' if args.gradient_checkpointing else ''}, {device}; "
-             f"RLOO k={args.rloo_k}; time: median over updates 2..{args.updates}; memory: {memory}.",
+             f"RLOO k={args.rloo_k}; time: median over updates 2..{args.updates}; memory: {memory}. Model state: "
+             "4 bytes per weight held + 12 per weight trained (fp32), arithmetic.",
              "", "| shape | script | s/update | " + " | ".join(f"{phase} s" for phase in PHASES) +
-             " | peak GB | PPO / RLOO time | PPO / RLOO memory |", "|---|---|---|" + "---|" * len(PHASES) + "---|---|---|"]
+             " | peak GB | held M | trained M (share) | model state GB | PPO / RLOO time | PPO / RLOO memory |",
+             "|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|---|---|"]
     for row in rows:
         if "failed" in row:
-            lines.append(f"| pythia-{row['size']} | {row['script']} | failed: {row['failed'][:80]} |" + " |" * 8)
+            lines.append(f"| pythia-{row['size']} | {label(row)} | failed: {row['failed'][:80]} |" + " |" * 11)
             continue
-        rloo = next(r for r in rows if r["size"] == row["size"] and r["script"] == "rloo.py")
+        rloo = next(r for r in rows if r["size"] == row["size"] and r["lora_r"] == row["lora_r"] and
+                    r["script"] == "rloo.py")
         ratios = (f"{row['s_per_update'] / rloo['s_per_update']:.2f}x | {row['peak_gb'] / rloo['peak_gb']:.2f}x"
                   if row["script"] == "ppo.py" and "failed" not in rloo else " | ")
         phases = " | ".join(f"{row[f'{phase}_s']:.3f}" for phase in PHASES)
-        lines.append(f"| pythia-{row['size']} | {row['script']} | {row['s_per_update']:.2f} | {phases} | "
-                     f"{row['peak_gb']:.2f} | {ratios} |")
+        lines.append(f"| pythia-{row['size']} | {label(row)} | {row['s_per_update']:.2f} | {phases} | "
+                     f"{row['peak_gb']:.2f} | {row['held_m']:.2f} | {row['trained_m']:.2f} "
+                     f"({row['trained_m'] / row['held_m']:.1%}) | {row['model_state_gb']:.3f} | {ratios} |")
     table = "\n".join(lines)
     print(table)
     prefix = args.output or os.path.join(ROOT, "benchmark", "results", f"memory_runtime_{device}")

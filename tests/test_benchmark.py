@@ -259,18 +259,28 @@ def test_compare_runs_reads_the_llm_judges_result(tmp_path):
     assert compare_runs.summarise_run(runs[0], False, 0, judge_model="other")["figures"]["judge win rate"] == 0.9
 
 
-def test_memory_runtime_measures_both_scripts_and_draws_the_chart(tmp_path):
+def test_memory_runtime_measures_both_scripts_full_and_lora_and_draws_the_chart(tmp_path):
     from benchmark import memory_runtime
 
     prefix = tmp_path / "mr"
     memory_runtime.main(memory_runtime.Args(sizes=("14m",), updates=2, cache_dir=str(tmp_path / "models"),
-                                            output=str(prefix)))
-    rows = {r["script"]: r for r in json.load(open(f"{prefix}.json"))["rows"]}
-    assert "3 models hold 35.7" in rows["rloo.py"]["parameters"] and "4 models hold 43.3" in rows["ppo.py"]["parameters"]
+                                            output=str(prefix), lora_r=(0, 4)))
+    rows = {(r["script"], r["lora_r"]): r for r in json.load(open(f"{prefix}.json"))["rows"]}
+    full_rloo, full_ppo, lora_rloo, lora_ppo = (rows[key] for key in [("rloo.py", 0), ("ppo.py", 0), ("rloo.py", 4),
+                                                                        ("ppo.py", 4)])
+    assert full_rloo["models"] == 3 and full_ppo["models"] == 4
+    assert full_rloo["held_m"] == pytest.approx(35.7, abs=0.1) and full_ppo["held_m"] == pytest.approx(43.3, abs=0.1)
     # PPO's value model and its AdamW state (7.6M parameters, ~0.12 GB in fp32) show in the peak memory.
-    assert rows["ppo.py"]["peak_gb"] > rows["rloo.py"]["peak_gb"]
+    assert full_ppo["peak_gb"] > full_rloo["peak_gb"]
+    # LoRA: no reference copy, and rank 4 on 6 layers of width 128 trains 4 x 16 x 128 x 6 = 49152 weights
+    assert lora_rloo["models"] == 2  # the policy (and its adapters) and the reward model
+    assert lora_rloo["held_m"] == pytest.approx(full_rloo["held_m"] - full_rloo["trained_m"] + 0.05, abs=0.02)
+    value_model = full_ppo["trained_m"] - full_rloo["trained_m"]  # PPO's value model trains in full with LoRA too
+    assert lora_rloo["trained_m"] == 0.05 and lora_ppo["trained_m"] == pytest.approx(0.05 + value_model, abs=0.01)
+    assert lora_rloo["model_state_gb"] < full_rloo["model_state_gb"] / 2
     assert all(r["s_per_update"] > 0 for r in rows.values())
-    assert "| pythia-14m | ppo.py |" in open(f"{prefix}.md").read()
+    table = open(f"{prefix}.md").read()
+    assert "| pythia-14m | PPO |" in table and "| pythia-14m | RLOO LoRA r=4 |" in table
     assert open(f"{prefix}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 

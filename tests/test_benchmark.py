@@ -123,6 +123,16 @@ def test_mismatch_study_dry_run_crosses_every_source_with_every_correction_and_r
     assert "compare_runs.py" in commands[-1] and "mismatch\\ kl" in commands[-1] and "--plot" in commands[-1]
 
 
+def test_lora_dry_run_sweeps_the_rate_then_seeds_full_and_lora_at_the_chosen_rate():
+    commands, runs = dry_run("lora.sh", SEEDS="1 2", SCRIPTS="rloo ppo", SWEEP_LRS="1e-4 1e-3", RANK="4")
+    sweep = [c for c in runs if "--lora-r 4 --learning-rate 1e-" in c]
+    # full fine-tuning at seed 1 beside each sweep, and again among the seeds (a real run skips it, being finished)
+    assert len(sweep) == 2 * 2 and sum("--lora-r" not in c and "--seed 1 " in c for c in runs) == 2 * 2
+    assert sum("--learning-rate BEST" in c and "--seed 2 " in c for c in runs) == 2  # the chosen rate, each script
+    tables = [c for c in commands if "compare_runs.py" in c]
+    assert len(tables) == 3 and "lora_sweep_rloo.md" in tables[0] and "lora_tiny.png" in tables[-1]
+
+
 def test_overoptimization_measures_every_checkpoint_from_the_sft_policy_on(tmp_path):
     run_dir = tmp_path / "run"
     result = run_script("rloo.py", "--output-dir", str(run_dir), "--total-episodes", "128", "--save-every", "1",

@@ -801,8 +801,8 @@ def start_processes(args: Args):
         sys.exit("error: a sampler copy (--sampler-dtype, --sampler-sync-every) is not supported under ZeRO-3, whose "
                  "shards it would gather whole; use ZeRO-2 or data parallel")
     if zero_stage == 3 and args.lora_r:
-        sys.exit("error: --lora-r is not supported under ZeRO-3 (the frozen weights fit where LoRA is the point); use "
-                 "ZeRO-2 or data parallel")
+        sys.exit("error: --lora-r is not supported under ZeRO-3 (with LoRA the frozen weights are meant to fit "
+                 "whole); use ZeRO-2 or data parallel")
     if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
         import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
 
@@ -865,7 +865,7 @@ def check_output_dir(args: Args, accelerator):
                      "nothing to resume; pass --overwrite to train it again")
     if args.resume and saved:  # (settings a fork added or removed cannot be compared)
         changed = [f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {saved[k]} -> {v}"
-                   for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()  # (tuples as args.json has them)
+                   for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()  # (tuples as in args.json)
                    if k not in RUN_ONLY_SETTINGS | DERIVED_SETTINGS and k in saved and saved[k] != v]
         if changed:
             sys.exit(f"error: --resume needs the interrupted run's settings (its args.json), but {', '.join(changed)}")

@@ -181,9 +181,10 @@ def main(args: Args) -> None:
                            **measure(script, paths, world["dataset_name"], args,
                                      os.path.join(scratch, f"{size}-{script}-{lora_r}"), lora_r)}
                     rows.append(row)
-                    print(f"pythia-{size} shape, {label(row)}: " + (f"failed: {row['failed']}" if "failed" in row else
-                          f"{row['s_per_update']:.2f} s/update, {row['peak_gb']:.2f} GB peak, {row['trained_m']:.2f}M "
-                          f"of {row['held_m']:.2f}M parameters trained"), flush=True)
+                    print(f"pythia-{size} shape, {label(row)}: " + (
+                        f"failed: {row['failed']}" if "failed" in row else
+                        f"{row['s_per_update']:.2f} s/update, {row['peak_gb']:.2f} GB peak, {row['trained_m']:.2f}M "
+                        f"of {row['held_m']:.2f}M parameters trained"), flush=True)
     memory = "CUDA max allocated" if device == "cuda" else "peak RSS of the process"
     lines = [f"{args.batch_size} completions x {args.response_length} tokens per update, {args.num_ppo_epochs} epoch(s), "
              f"{args.dtype}{', gradient checkpointing' if args.gradient_checkpointing else ''}, {device}; "
@@ -196,8 +197,7 @@ def main(args: Args) -> None:
         if "failed" in row:
             lines.append(f"| pythia-{row['size']} | {label(row)} | failed: {row['failed'][:80]} |" + " |" * 11)
             continue
-        rloo = next(r for r in rows if r["size"] == row["size"] and r["lora_r"] == row["lora_r"] and
-                    r["script"] == "rloo.py")
+        rloo = next(r for r in rows if (r["size"], r["lora_r"], r["script"]) == (row["size"], row["lora_r"], "rloo.py"))
         ratios = (f"{row['s_per_update'] / rloo['s_per_update']:.2f}x | {row['peak_gb'] / rloo['peak_gb']:.2f}x"
                   if row["script"] == "ppo.py" and "failed" not in rloo else " | ")
         phases = " | ".join(f"{row[f'{phase}_s']:.3f}" for phase in PHASES)

@@ -27,10 +27,11 @@ def free_port():
         return str(s.getsockname()[1])
 
 
-def run(script, tmp_path, name, processes, *flags, zero_config=None, preempt_after=None):
+def run(script, tmp_path, name, processes, *flags, zero_config=None, preempt_after=None, refused=False):
     """The probe on `processes` processes (plain python for 1, as a user runs it; `accelerate launch` with one of
     the repository's DeepSpeed configs if given); returns (metrics, records). With `preempt_after`, the launcher gets
-    SIGTERM once that text is logged, as a cluster preempting the job does; returns the log."""
+    SIGTERM once that text is logged, as a cluster preempting the job does; returns the log. With `refused`, the
+    run must fail; returns the log."""
     output_dir, record_dir = tmp_path / name, tmp_path / f"{name}_records"
     launcher = [sys.executable]
     if zero_config:
@@ -53,7 +54,8 @@ def run(script, tmp_path, name, processes, *flags, zero_config=None, preempt_aft
             launched.terminate()  # torchrun stops its workers (in sessions of their own) when it is terminated
             launched.wait(timeout=60)
             pytest.fail(f"{name} timed out:\n{log.read_text()[-3000:]}")
-    if preempt_after:
+    if preempt_after or refused:
+        assert not refused or launched.returncode != 0, log.read_text()[-3000:]
         return log.read_text()
     assert launched.returncode == 0, log.read_text()[-3000:]
     records = [json.load(open(record_dir / f"rank{r}.json")) for r in range(processes)]
@@ -223,8 +225,18 @@ def test_lora_on_two_processes_computes_what_one_process_computes(tmp_path, scri
                                       zero_config=zero_config)
     assert len(rank0["checksums"]) == len(one["checksums"]) > 0 and rank0["checksums"] == rank1["checksums"]
     assert two_metrics[0]["objective/kl"] == 0.0
-    assert_same_update(one_metrics[0], two_metrics[0], ["objective/scores", "objective/rlhf_reward", "objective/entropy"])
+    assert_same_update(one_metrics[0], two_metrics[0],
+                       ["objective/scores", "objective/rlhf_reward", "objective/entropy"])
     if script == "rloo":  # (see the test above: PPO's gradient legitimately differs with the micro-batches)
         assert_same_update(one_metrics[0], two_metrics[0], ["loss/policy_avg"])
         assert rank0["grad_norms"][0] == pytest.approx(one["grad_norms"][0], rel=1e-4)
         assert rank0["checksums"][0] == pytest.approx(one["checksums"][0], rel=1e-6)
+
+
+def test_lora_under_zero3_is_refused_with_one_line(tmp_path):
+    pytest.importorskip("deepspeed")
+    log = run("rloo", tmp_path, "zero3", 2, *TWO_PROCESS_FLAGS, "--rloo-k", "2", "--lora-r", "4",
+              zero_config="zero3.yaml", refused=True)
+    # each process's one line (the launcher then reports its failed children with a traceback of its own)
+    assert log.count("error: --lora-r is not supported under ZeRO-3") == 2 and 'rloo.py", line' not in log
+    assert not (tmp_path / "zero3").exists()

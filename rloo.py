@@ -448,8 +448,8 @@ def checkpoint_layers(model):
 def with_lora(policy, args: Args):
     """LoRA (Hu et al. 2021), with peft: the policy's weights frozen, trained low-rank adapters beside the
     --lora-target-modules layers. An adapter's B starts at 0, so until the first step the adapted policy IS the SFT
-    policy. The reference policy is the same model with its adapters switched off (as TRL does with peft): one copy
-    of the weights where full fine-tuning holds two. Returns (policy, reference)."""
+    policy. The reference policy is the same model with its adapters switched off (as TRL 0.21's PPOTrainer's
+    null_ref_context): one copy of the weights where full fine-tuning holds two. Returns (policy, reference)."""
     try:
         import peft
     except ImportError:

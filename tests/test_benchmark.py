@@ -124,7 +124,8 @@ def test_mismatch_study_dry_run_crosses_every_source_with_every_correction_and_r
 
 
 def test_lora_dry_run_sweeps_the_rate_then_seeds_full_and_lora_at_the_chosen_rate():
-    commands, runs = dry_run("lora.sh", SEEDS="1 2", SCRIPTS="rloo ppo", SWEEP_LRS="1e-4 1e-3", RANK="4")
+    commands, runs = dry_run("lora.sh", SEEDS="1 2", SCRIPTS="rloo ppo", RLOO_LRS="1e-4 1e-3", PPO_LRS="1e-3 1e-2",
+                             RANK="4")
     sweep = [c for c in runs if "--lora-r 4 --learning-rate 1e-" in c]
     # full fine-tuning at seed 1 beside each sweep, and again among the seeds (a real run skips it, being finished)
     assert len(sweep) == 2 * 2 and sum("--lora-r" not in c and "--seed 1 " in c for c in runs) == 2 * 2

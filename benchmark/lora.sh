@@ -51,5 +51,5 @@ for script in $SCRIPTS; do
 done
 run "$PYTHON" benchmark/compare_runs.py "${final[@]}" --gold --sft-baseline --output "$RESULTS/lora_tiny.md" \
   --label-args lora_r learning_rate --plot "$RESULTS/lora_tiny.png" \
-  --columns "gold win rate" "gold win rate 95% CI" "rlhf_reward, last 10%" "kl, last 10%" "s/update (median)" \
+  --columns "gold win rate" "gold win rate 95% CI" "rlhf_reward, last 10%" "kl, last 10%" \
   "peak memory (GB)"

@@ -32,6 +32,12 @@ def run_script(script, *flags, timeout=600):
                           text=True, timeout=timeout, env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": ROOT})
 
 
+def assert_one_line_error(result, message):
+    """A foreseeable mistake: a non-zero exit whose last line carries `message`, and no traceback."""
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test that trains for a minute or more (deselect with -m 'not slow')")
 

@@ -1,49 +1,39 @@
 """RLOO (REINFORCE Leave-One-Out) for RLHF, in one file.
 
-The policy samples k completions per prompt; each completion is ONE action whose reward is the
-reward model's score minus kl_coef times its summed per-token KL to the frozen reference policy;
-its baseline is the mean reward of the other k-1 completions of the same prompt (Kool et al. 2019,
-Ahmadian et al. 2024). The loss is PPO's clipped objective on the sequence-level ratio, as in TRL;
-with one epoch and one minibatch it is exactly REINFORCE with that baseline.
+The policy samples k completions per prompt; each completion is ONE action whose reward is the reward model's score
+minus kl_coef times its summed per-token KL to the frozen reference policy; its baseline is the mean reward of the
+other k-1 completions of the same prompt (Kool et al. 2019, Ahmadian et al. 2024). The loss is PPO's clipped
+objective on the sequence-level ratio, as in TRL; with one epoch and one minibatch it is exactly REINFORCE with that
+baseline.
 
-    python rloo.py                       # tiny offline TL;DR world (tiny_world.py), CPU, minutes
-    python rloo.py --model pythia-1b     # Huang et al. 2024 TL;DR SFT and reward models (GPU, hub)
+    python rloo.py                            # tiny offline TL;DR world (tiny_world.py), CPU, minutes
+    python rloo.py --model pythia-1b          # Huang et al. 2024's TL;DR SFT and reward models (GPU, hub)
     python rloo.py --model pythia-1b --help   # every knob, with that preset's defaults
-    accelerate launch --num_processes 8 rloo.py --model pythia-1b   # data parallel on 8 GPUs (README)
-    accelerate launch --config_file benchmark/zero3.yaml rloo.py --model pythia-6.9b   # DeepSpeed ZeRO-3 (README)
+    accelerate launch --num_processes 8 rloo.py --model pythia-1b   # data parallel on 8 GPUs
+
+rloo_full.py is this file with insertions for long and large runs (resume, ZeRO-3, LoRA, reward functions, a
+separate sampler, rollout correction, gradient checkpointing, non-finite guards, phase timings): see the README.
 """
 
 import argparse
 import collections
-import contextlib
-import copy
 import dataclasses
-import hashlib
-import importlib.util
 import json
-import math
-import numbers
 import os
-import random
-import resource
-import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import datasets
 import transformers
 import tyro
+import accelerate.utils.other
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 @dataclass
@@ -54,20 +44,7 @@ class Args:
     seed: int = 1
     """seed of the run: model sampling, data order and minibatch order all follow from it"""
     output_dir: str = ""
-    """where metrics.jsonl, checkpoints/ and the final policy go (default: runs/{exp_name}__{model}__{seed}__{time})"""
-    save_every: int = 100
-    """save a checkpoint (weights, optimizer, scheduler, every process's RNG states) every this many updates; one is
-    also saved at the end and when SIGINT or SIGTERM stops the run"""
-    keep_checkpoints: int = 2
-    """how many of the newest checkpoints to keep"""
-    resume: bool = False
-    """continue the run in --output-dir from its newest checkpoint, with the same flags (a fresh start if it has
-    none)"""
-    overwrite: bool = False
-    """replace the run in --output-dir (without it or --resume, a directory holding a run is never touched)"""
-    resume_anyway: bool = False
-    """with --resume: continue a run that another script, or an earlier version of this one, made (the run then
-    goes on with this code)"""
+    """where metrics.jsonl and the final policy go (default: runs/{exp_name}__{model}__{seed}__{time})"""
     track: bool = False
     """log to Weights & Biases (WANDB_MODE=offline works without an account)"""
     wandb_project_name: str = "rlhf-reference"
@@ -81,16 +58,7 @@ class Args:
     sft_model_path: str = ""
     """SFT policy (hub name or local directory); the policy and the reference policy start from it"""
     reward_model_path: str = ""
-    """reward model (sequence classification, one label; hub name or local directory); `none`: no reward model,
-    --reward-fn alone gives the score"""
-    reward_fn: str = ""
-    """a Python reward function, `module:function` (importable from this script's directory or PYTHONPATH) or
-    `path/to/file.py:function`, e.g. tiny_world:gold_reward; see the README's "Reward functions". With a reward
-    model too, the score is the weighted sum of the two"""
-    reward_model_weight: float = 1.0
-    """weight of the reward model's score in the score"""
-    reward_fn_weight: float = 1.0
-    """weight of --reward-fn's score in the score"""
+    """reward model (sequence classification, one label; hub name or local directory)"""
     tokenizer_path: str = ""
     """tokenizer (hub name or local directory; default: the SFT model's)"""
     dataset_name: str = ""
@@ -126,28 +94,8 @@ class Args:
     num_mini_batches: int = 1
     """minibatches (optimizer steps) per epoch"""
     old_logprobs: Literal["forward", "generate"] = "forward"
-    """source of the sampling policy's logprobs (KL penalty and ratio): `forward` passes (the ratio is exactly 1 at
-    the first minibatch) or the sampling pass itself (as TRL 0.11 takes generate()'s logits; they differ under
-    bf16, see the README); with a separate sampler (below), `generate` takes the sampler's"""
-
-    # When the sampler is not the learner (README, "The bf16 ratio problem"): a sampler copy, and rollout correction
-    sampler_dtype: Literal["same", "fp32", "bf16", "fp16"] = "same"
-    """`same`: the policy itself samples (no copy). Otherwise a copy of the policy samples, its weights stored in
-    this dtype as an inference engine holds them (it computes in that dtype too)"""
-    sampler_sync_every: int = 1
-    """the sampler copy takes the policy's weights every this many updates, so its samples are up to N-1 updates
-    stale (1: every update; above 1 a copy is made even with --sampler-dtype same)"""
-    top_p: float = 1.0
-    """the sampler draws from the smallest set of most probable tokens holding this share of the probability"""
-    top_p_logprobs: Literal["full", "renormalized"] = "full"
-    """with --top-p below 1, the learner's and the reference's logprobs are of the full softmax (the default, as
-    TRL's trainers compute them: the ratio to the sampler then carries the kept mass) or renormalised over the tokens
-    their own top-p filter keeps, and the sampled token (as TRL PR #7269 does)"""
-    rollout_correction: Literal["none", "token-tis", "seq-tis", "seq-mis"] = "none"
-    """weight each loss term by the old policy's learner-over-sampler probability ratio: truncated at the cap per
-    token (token-tis, Yao et al. 2025) or per completion (seq-tis), or 0 above the cap (seq-mis, Liu et al. 2025)"""
-    rollout_correction_cap: float = 2.0
-    """the cap of --rollout-correction (verl's default threshold, for token and sequence alike)"""
+    """the sampling policy's logprobs (KL penalty, ratio): a `forward` pass (the first minibatch's ratio is exactly 1)
+    or the sampling pass's own (as TRL 0.11 takes generate()'s; under bf16 they differ: docs/bf16_ratio.md)"""
 
     # Optimisation
     total_episodes: int = 1_000_000
@@ -162,153 +110,52 @@ class Args:
     """completions per generation / no-grad forward chunk"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in backward instead of keeping them (less memory, about a third more
-    compute in training)"""
-
-    # LoRA (README, "LoRA: one model is policy and reference")
-    lora_r: int = 0
-    """rank of the LoRA adapters (0: full fine-tuning). With LoRA only the adapters train, and the reference policy
-    is the policy with its adapters switched off: one copy of the SFT weights (fp32, as the policy's), not two"""
-    lora_alpha: Optional[float] = None
-    """the adapters' output is scaled by lora_alpha / lora_r (default: 2 x lora_r, a scale of 2)"""
-    lora_dropout: float = 0.0
-    """dropout on the adapters' input; above 0 it acts in every pass of the policy (sampling too), so two passes of
-    the same weights disagree and the first minibatch's ratio is no longer 1"""
-    lora_target_modules: tuple[str, ...] = ("all-linear",)
-    """the layers that get adapters, by name (`all-linear`: every linear layer but the output layer, in GPT-NeoX
-    and Llama-style models alike)"""
-    merge_lora_on_save: bool = False
-    """also save the policy with its adapters merged into its weights, to OUTPUT_DIR/merged (loads without peft)"""
 
     # Logging
     num_sample_generations: int = 10
     """how many times during training a table of sample completions is shown"""
 
     # Derived once from the above in check_args (not flags)
-    world_size: tyro.conf.Suppress[int] = 1
-    """processes the run is spread over (data parallel, one per GPU)"""
-    batch_size: tyro.conf.Suppress[int] = 0
-    """completions per update, over all processes"""
-    local_batch_size: tyro.conf.Suppress[int] = 0
-    """completions per update on each process"""
-    mini_batch_size: tyro.conf.Suppress[int] = 0
-    """completions per optimizer step, over all processes"""
-    num_updates: tyro.conf.Suppress[int] = 0
-    """rollout + optimisation rounds"""
+    world_size: tyro.conf.Suppress[int] = 1  # processes the run is spread over (data parallel, one per GPU)
+    batch_size: tyro.conf.Suppress[int] = 0  # completions per update, over all processes
+    local_batch_size: tyro.conf.Suppress[int] = 0  # completions per update on each process
+    mini_batch_size: tyro.conf.Suppress[int] = 0  # completions per optimizer step, over all processes
+    num_updates: tyro.conf.Suppress[int] = 0  # rollout + optimisation rounds
 
 
 def pythia_preset(size: str, per_device_train_batch_size: int, gradient_accumulation_steps: int) -> Args:
     # Huang et al. 2024's public TL;DR checkpoints, with TRL's RLOO TL;DR settings (kl_coef 0.03, lr 3e-6,
     # 2 epochs x 2 minibatches, 53 tokens, EOS trick): 128 completions per update on each process, so 1024 on the
     # recipe's 8 GPUs (benchmark/tldr.sh raises the accumulation to keep 1024 on fewer).
-    return Args(
-        model=f"pythia-{size}",
-        sft_model_path=f"cleanrl/EleutherAI_pythia-{size}-deduped__sft__tldr",
-        reward_model_path=f"cleanrl/EleutherAI_pythia-{size}-deduped__reward__tldr",
-        tokenizer_path=f"EleutherAI/pythia-{size}-deduped",
-        dataset_name="trl-internal-testing/tldr-preference-sft-trl-style",
-        dtype="bf16",
-        rloo_k=2,
-        kl_coef=0.03,
-        learning_rate=3e-6,
-        num_ppo_epochs=2,
-        num_mini_batches=2,
-        per_device_train_batch_size=per_device_train_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        local_rollout_forward_batch_size=per_device_train_batch_size,
-        total_episodes=1_000_000,
-    )
+    return Args(model=f"pythia-{size}", sft_model_path=f"cleanrl/EleutherAI_pythia-{size}-deduped__sft__tldr",
+                reward_model_path=f"cleanrl/EleutherAI_pythia-{size}-deduped__reward__tldr",
+                tokenizer_path=f"EleutherAI/pythia-{size}-deduped",
+                dataset_name="trl-internal-testing/tldr-preference-sft-trl-style", dtype="bf16", learning_rate=3e-6,
+                rloo_k=2, kl_coef=0.03, num_ppo_epochs=2, num_mini_batches=2,
+                per_device_train_batch_size=per_device_train_batch_size,
+                gradient_accumulation_steps=gradient_accumulation_steps,
+                local_rollout_forward_batch_size=per_device_train_batch_size, total_episodes=1_000_000)
 
 
 PRESETS = {
     # Models and data come from tiny_world.py, built offline on first use and cached.
-    "tiny": Args(
-        model="tiny",
-        max_prompt_length=64,
-        response_length=16,
-        rloo_k=4,
-        kl_coef=0.05,
-        learning_rate=1e-4,
-        num_ppo_epochs=1,
-        num_mini_batches=1,
-        per_device_train_batch_size=64,
-        gradient_accumulation_steps=1,
-        local_rollout_forward_batch_size=64,
-        total_episodes=64 * 300,
-    ),
+    "tiny": Args(model="tiny", max_prompt_length=64, response_length=16, learning_rate=1e-4,
+                 rloo_k=4, kl_coef=0.05, num_ppo_epochs=1, num_mini_batches=1,
+                 per_device_train_batch_size=64, gradient_accumulation_steps=1, local_rollout_forward_batch_size=64,
+                 total_episodes=64 * 300),
     "pythia-1b": pythia_preset("1b", 16, 4),
     "pythia-2.8b": pythia_preset("2.8b", 8, 8),
-    "pythia-6.9b": pythia_preset("6.9b", 4, 16),
+    "pythia-6.9b": pythia_preset("6.9b", 4, 16),  # its training state needs ZeRO-3: rloo_full.py
 }
 
 
-def parse_args(argv=None) -> Args:
-    # --model picks the preset whose values become the defaults, so `--model X --help` shows X's settings
-    # and any flag still overrides them.
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--model", default="tiny")
-    name = peek.parse_known_args(argv)[0].model
-    if name not in PRESETS:
-        sys.exit(f"error: unknown --model {name!r}; choose one of {', '.join(PRESETS)}")
-    return tyro.cli(Args, default=PRESETS[name], args=argv, description=__doc__)
-
-
-def check_args(args: Args) -> None:
-    """Derive the batch sizes once and refuse settings that cannot work, with a one-line reason."""
-    args.mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    args.batch_size = args.mini_batch_size * args.num_mini_batches
-    args.local_batch_size = args.batch_size // args.world_size
-    # Rounded up, as TRL's num_total_batches: at least --total-episodes completions (and the LR decays over them)
-    args.num_updates = -(-args.total_episodes // args.batch_size) if args.batch_size > 0 else 0
-    sizes = (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_mini_batches,
-             args.num_ppo_epochs, args.local_rollout_forward_batch_size)
-    problems = [
-        (args.rloo_k < 2, f"--rloo-k must be at least 2 (got {args.rloo_k}): the baseline needs other completions"),
-        (min(sizes) < 1, "batch sizes, accumulation steps, minibatches and epochs must all be >= 1"),
-        # The k completions of a prompt stay on one process, so that its leave-one-out group is local.
-        (args.local_batch_size % args.rloo_k != 0, f"--rloo-k {args.rloo_k} must divide the {args.local_batch_size} "
-         "completions per update of each process (per_device_train_batch_size * gradient_accumulation_steps * "
-         "num_mini_batches)"),
-        (args.response_length < 1, f"--response-length must be >= 1 (got {args.response_length})"),
-        (args.max_prompt_length < 1, f"--max-prompt-length must be >= 1 (got {args.max_prompt_length})"),
-        (not args.temperature > 0, f"--temperature must be > 0 (got {args.temperature})"),
-        (not args.learning_rate >= 0, f"--learning-rate must be >= 0 (got {args.learning_rate})"),
-        (not args.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {args.max_grad_norm})"),
-        (not args.kl_coef >= 0, f"--kl-coef must be >= 0 (got {args.kl_coef})"),
-        (args.total_episodes < 1, f"--total-episodes must be >= 1 (got {args.total_episodes})"),
-        (not args.cliprange > 0, f"--cliprange must be > 0 (got {args.cliprange})"),
-        (args.save_every < 1 or args.keep_checkpoints < 1, "--save-every and --keep-checkpoints must be >= 1"),
-        (args.resume and args.overwrite, "--resume and --overwrite contradict each other; pass one"),
-        (args.resume and not args.output_dir, "--resume needs --output-dir: the directory of the run to continue"),
-        (args.reward_model_path == "none" and not args.reward_fn, "--reward-model-path none leaves no score: give "
-         "--reward-fn too"),
-        (args.sampler_sync_every < 1, f"--sampler-sync-every must be >= 1 (got {args.sampler_sync_every})"),
-        (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1] (got {args.top_p})"),
-        (not args.rollout_correction_cap > 0, "--rollout-correction-cap must be > 0"),
-        (args.rollout_correction != "none" and args.old_logprobs == "generate", "--old-logprobs generate takes the "
-         "sampler's own logprobs, so --rollout-correction has nothing to correct; use --old-logprobs forward"),
-        (args.lora_r < 0, f"--lora-r must be >= 0 (got {args.lora_r}; 0 is full fine-tuning)"),
-        (not 0 <= args.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})"),
-        (args.merge_lora_on_save and not args.lora_r, "--merge-lora-on-save needs --lora-r: there is nothing to merge"),
-        (args.lora_r > 0 and (args.sampler_dtype != "same" or args.sampler_sync_every > 1), "a sampler copy "
-         "(--sampler-dtype, --sampler-sync-every) is not supported with --lora-r; drop one of them"),
-    ]
-    for failed, message in problems:
-        if failed:
-            sys.exit(f"error: {message}")
-
-
-# ----------------------------------------------------------------------------------------------
-# The math, small and pure: what a reader checks against the paper and the tests pin to numbers.
-# ----------------------------------------------------------------------------------------------
+# ---- The math, small and pure: what a reader checks against the paper and the tests pin to numbers ----
 
 
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """Leave-one-out advantages. `rewards` is flat, laid out as k blocks of the batch (completion j
     of prompt i at j * batch + i); each completion's baseline is the mean reward of the other k-1.
-    A NaN reward (a completion --reward-fn left unscored) is left out of the others' baselines and gets advantage
-    0, as does every completion of a prompt with fewer than two scored ones (as TRL does since PR #5902)."""
+    A NaN reward (unscored by a reward function) is out of the baselines; with no other scored one, 0 (TRL #5902)."""
     rewards = rewards.reshape(k, -1)  # (k, B)
     scored = ~rewards.isnan()
     others = scored.sum(0, keepdim=True) - 1  # scored completions of the prompt besides this (scored) one
@@ -326,9 +173,8 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, cliprange):
 
 
 class TokenLogprob(torch.autograd.Function):
-    """log softmax(logits / temperature) at the sampled tokens, in fp32: logit - logsumexp(logits), with no full-
-    vocabulary log-softmax kept. Backward keeps only the logits and builds one fp32 full-vocabulary tensor where
-    autograd through logsumexp and gather builds five (~2x faster, less memory):
+    """log softmax(logits / temperature) at the sampled tokens, in fp32, keeping no full-vocabulary log-softmax;
+    backward builds one fp32 vocabulary-wide tensor where autograd builds five (~2x faster, less memory):
     d logprob / d logits = (onehot(token) - softmax(logits / temperature)) / temperature."""
 
     @staticmethod
@@ -349,18 +195,6 @@ class TokenLogprob(torch.autograd.Function):
         return grad_logits.scatter_add_(-1, tokens.unsqueeze(-1), scale).to(logits.dtype), None, None
 
 
-def logprobs_from_logits(logits, tokens, temperature):
-    return TokenLogprob.apply(logits, tokens, temperature)
-
-
-def outside_top_p(tempered_logits, top_p):
-    """True at the tokens outside the nucleus, the smallest set of most probable tokens whose probability reaches
-    top_p (Holtzman et al. 2020)."""
-    probs, order = tempered_logits.softmax(-1).sort(-1, descending=True)
-    outside = probs.cumsum(-1) - probs >= top_p  # the more probable tokens hold top_p already
-    return outside.scatter(-1, order, outside)
-
-
 def forward(model, query_responses, attention_mask, **kwargs):
     # Queries are left-padded, so positions are counted over real tokens only. No KV cache: nothing follows.
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -369,35 +203,24 @@ def forward(model, query_responses, attention_mask, **kwargs):
 
 
 class PolicyOutput(NamedTuple):
-    """What the training pass gives the loss: (B, R) logprobs of the sampled tokens, and the (B, R, V) logits they
-    come from (before the temperature), for a term that needs the whole distribution (an entropy, a full KL)."""
+    """The training pass's (B, R) logprobs of the sampled tokens and their (B, R, V) untempered logits (for a term
+    that needs the whole distribution: an entropy, a full KL)."""
 
     logprobs: torch.Tensor
     logits: torch.Tensor
 
 
-def policy_forward(model, query_responses, attention_mask, context_length, temperature, top_p=1.0) -> PolicyOutput:
-    """The policy's pass over query + response: the logits at position t predict token t + 1. Only the positions
-    that predict a response token go through the output layer, a small model's largest matmul (50304 x hidden).
-    With top_p below 1 the logprobs are renormalised over the model's own nucleus and the sampled token."""
+def policy_forward(model, query_responses, attention_mask, context_length, temperature) -> PolicyOutput:
+    """The pass over query + response; only positions predicting a response token go through the output layer."""
     predicting = torch.arange(context_length - 1, query_responses.shape[1] - 1, device=query_responses.device)
     logits = forward(model, query_responses, attention_mask, logits_to_keep=predicting).logits
     tokens, kept = query_responses[:, context_length:], logits
-    if top_p < 1.0:
-        outside = outside_top_p(logits.float() / temperature, top_p).scatter_(-1, tokens.unsqueeze(-1), False)
-        kept = logits.masked_fill(outside, float("-inf"))
-    return PolicyOutput(logprobs_from_logits(kept, tokens, temperature), logits)
+    return PolicyOutput(TokenLogprob.apply(kept, tokens, temperature), logits)
 
 
-def response_logprobs(model, query_responses, attention_mask, context_length, temperature, top_p=1.0):
-    """(B, R) logprobs of the response tokens, for the passes that train nothing (reference, rollout)."""
-    return policy_forward(model, query_responses, attention_mask, context_length, temperature, top_p).logprobs
-
-
-def sample(model, queries, pad_id, stop_id, max_tokens, temperature, top_p=1.0):
-    """Samples up to max_tokens tokens after each left-padded query from softmax(logits / temperature) restricted to
-    the top_p nucleus (no top-k), one forward per token over a KV cache, until every row has sampled stop_id (None:
-    never stop early).
+def sample(model, queries, pad_id, stop_id, max_tokens, temperature):
+    """Samples up to max_tokens tokens after each left-padded query from softmax(logits / temperature), one forward
+    per token over a KV cache, until every row has sampled stop_id (None: never stop early).
     Returns (B, max_tokens) tokens (pad_id after a row's stop token), the mask of the real ones (the stop token
     included; a sampled pad token is real too) and each token's logprob in this sampling pass."""
     batch, device = len(queries), queries.device
@@ -414,8 +237,6 @@ def sample(model, queries, pad_id, stop_id, max_tokens, temperature, top_p=1.0):
         # Inverse-CDF sampling: one uniform number per row. generate()'s torch.multinomial draws one per vocabulary
         # entry, a fifth of generation's time on a CPU. The sum runs in fp64 so that no real token falls outside it.
         tempered = logits.float() / temperature
-        if top_p < 1.0:
-            tempered = tempered.masked_fill(outside_top_p(tempered, top_p), float("-inf"))
         cdf = tempered.softmax(-1).double().cumsum(-1)
         uniform = torch.rand(batch, 1, dtype=torch.float64, device=device) * cdf[:, -1:]
         token = torch.searchsorted(cdf, uniform, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
@@ -427,52 +248,11 @@ def sample(model, queries, pad_id, stop_id, max_tokens, temperature, top_p=1.0):
             ended |= token == stop_id
         if ended.all() or t == max_tokens - 1:
             break
-        attention_mask = F.pad(attention_mask, (0, 1), value=True)
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, 1), value=True)
         position_ids = position_ids[:, -1:] + 1
         output = model(input_ids=tokens[:, t : t + 1], attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=output.past_key_values, use_cache=True)
     return tokens, mask, logprobs
-
-
-def checkpoint_layers(model):
-    """Gradient checkpointing: in a forward with autograd each transformer layer keeps only its inputs, and backward
-    runs it again. (Not transformers' own switch: that acts only in training mode, which turns dropout on, and it
-    drops the KV cache that sampling needs.)"""
-    for layer in model.modules():
-        if isinstance(layer, GradientCheckpointingLayer):
-            layer.forward = lambda *args, plain=layer.forward, **kwargs: (
-                torch.utils.checkpoint.checkpoint(plain, *args, use_reentrant=False, **kwargs)
-                if torch.is_grad_enabled() else plain(*args, **kwargs))
-
-
-def with_lora(policy, args: Args):
-    """LoRA (Hu et al. 2021), with peft: the policy's weights frozen, trained low-rank adapters beside the
-    --lora-target-modules layers. An adapter's B starts at 0, so until the first step the adapted policy IS the SFT
-    policy. The reference policy is the same model with its adapters switched off (as TRL 0.21's PPOTrainer's
-    null_ref_context): one copy of the weights where full fine-tuning holds two. Returns (policy, reference)."""
-    try:
-        import peft
-    except ImportError:
-        sys.exit("error: --lora-r needs peft: pip install peft")
-    modules = args.lora_target_modules
-    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, task_type="CAUSAL_LM",
-                             lora_dropout=args.lora_dropout,
-                             target_modules=modules[0] if modules == ("all-linear",) else list(modules))
-    try:
-        policy = peft.get_peft_model(policy, config)
-    except ValueError as error:  # no layer has those names
-        sys.exit(f"error: --lora-target-modules {' '.join(modules)}: {str(error).splitlines()[0]}")
-    if os.path.isdir(args.sft_model_path):  # the saved adapters name their base: a local one by its absolute path
-        policy.peft_config["default"].base_model_name_or_path = os.path.abspath(args.sft_model_path)
-    for name, module in policy.named_modules():
-        if name.endswith("lora_dropout"):
-            module.train()  # every model stays in eval mode, which would switch --lora-dropout off
-
-    def reference(*inputs, **kwargs):
-        with policy.disable_adapter():
-            return policy(*inputs, **kwargs)
-
-    return policy, reference
 
 
 def reward_scores(reward_model, query_responses, attention_mask, last_index):
@@ -482,421 +262,25 @@ def reward_scores(reward_model, query_responses, attention_mask, last_index):
     return reward_model.score(hidden[torch.arange(len(hidden)), last_index]).squeeze(-1).float()
 
 
-def load_reward_fn(spec):
-    """The function --reward-fn names: `module:function` (a module importable from the script's directory or
-    PYTHONPATH) or `path/to/file.py:function`. An exception raised while that module is imported is a bug in it,
-    and keeps its traceback."""
-    module_name, _, name = spec.rpartition(":")
-    if not module_name or not name:
-        sys.exit(f"error: --reward-fn {spec!r} is not module:function or path/to/file.py:function")
-    if module_name.endswith(".py"):
-        if not os.path.isfile(module_name):
-            sys.exit(f"error: --reward-fn {spec!r}: there is no file {module_name!r}")
-        location = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
-        module = importlib.util.module_from_spec(location)
-        location.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if not (module_name + ".").startswith(f"{error.name}."):  # a module that the named one imports
-                raise
-            sys.exit(f"error: --reward-fn {spec!r}: no module {module_name!r} on the path (give a file's path instead: "
-                     "path/to/file.py:function)")
-    function = getattr(module, name, None)
-    if not callable(function):
-        sys.exit(f"error: --reward-fn {spec!r}: {module_name} has no function {name!r}")
-    return function
-
-
-def function_scores(reward_fn, prompts, completions, completion_ids, columns) -> list:
-    """One float per completion from the Python reward function, NaN where it returned None (the completion is then
-    unscored). It is called as TRL calls reward functions: prompts and completions as decoded text, the completions'
-    token ids (up to their EOS), and the dataset's other columns of these rows, by name."""
-    name = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__name__', '?')} (--reward-fn)"
-    try:
-        returned = reward_fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-    except Exception as error:
-        error.add_note(f"raised inside the reward function {name}")
-        raise
-    values = returned.tolist() if hasattr(returned, "tolist") else returned  # a tensor or an array: its numbers
-    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(returned).__name__}"
-        sys.exit(f"error: the reward function {name} returned {got} for {len(completions)} completions; it must "
-                 "return a list of one float (or None) per completion")
-    for i, value in enumerate(values):
-        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value)):
-            sys.exit(f"error: the reward function {name} returned {value!r} for completion {i} "
-                     f"({completions[i][:80]!r}); it must return a finite float, or None to leave it unscored")
-    return [math.nan if value is None else float(value) for value in values]
-
-
-def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
-    """Ratio statistics at the first minibatch, before any optimizer step: the ratio should be exactly 1,
-    so anything else is numerical mismatch between the two logprob sources (bf16, KV cache, batch shape).
-    The clip fractions count ratios outside [1 - c, 1 + c], whatever the advantage's sign."""
-    token_ratio = torch.exp(new_logprobs - old_logprobs)[mask]
-    seq_ratio = torch.exp(((new_logprobs - old_logprobs) * mask).sum(1))
-    stats = {}
-    for name, ratio in (("token", token_ratio), ("seq", seq_ratio)):
-        stats.update({f"diag/ratio_{name}_mean": ratio.mean().item(), f"diag/ratio_{name}_std": ratio.std().item(),
-                      f"diag/ratio_{name}_min": ratio.min().item(), f"diag/ratio_{name}_max": ratio.max().item(),
-                      f"diag/clipfrac_{name}": ((ratio - 1).abs() > cliprange).float().mean().item()})
-    return stats
-
-
-def rollout_weights(log_ratio, mask, mode, cap):
-    """Rollout correction (verl's; TIS: Yao et al. 2025; MIS: Liu et al. 2025). log_ratio is, per token, the log of
-    the old policy's probability under the learner over the sampler's. Returns (B,) tensors, one entry per loss term
-    (a completion): its ratio (the product of its token ratios), the weight the loss uses (1 with none; the ratio
-    truncated at cap with seq-tis, or 0 above cap with seq-mis; with token-tis the product of the token ratios each
-    truncated at cap, RLOO's one term per completion taking all its tokens), and whether the correction changed it."""
-    log_ratio = log_ratio.masked_fill(~mask, 0.0)
-    ratio = log_ratio.sum(1).exp()
-    if mode == "token-tis":
-        return ratio, log_ratio.clamp(max=math.log(cap)).sum(1).exp(), (log_ratio > math.log(cap)).any(1)
-    over = ratio > cap
-    weight = {"none": torch.ones_like(ratio), "seq-tis": ratio.clamp(max=cap), "seq-mis": ratio.masked_fill(over, 0.0)}
-    return ratio, weight[mode], over & (mode != "none")
-
-
-def rollout_diagnostics(log_ratio, mask, ratio, corrected):
-    """rollout/*: how far the sampler is from the learner, and what the correction did. mismatch_kl: KL(sampler ||
-    learner) per real token, by the k3 estimator r - 1 - log r (r the learner-over-sampler ratio of the sampled
-    token; verl's k3_kl); over the loss terms (completions for RLOO, real tokens for PPO): the ratio's mean, std and
-    max, the share the correction truncated or masked, and the effective sample size of the uncorrected ratios,
-    (sum r)^2 / (n sum r^2), the share of the batch plain importance sampling would use."""
-    terms = mask if ratio.dim() == 2 else torch.ones_like(ratio, dtype=torch.bool)
-    ratio, corrected = ratio[terms], corrected[terms]
-    return {"rollout/mismatch_kl": (log_ratio.exp() - 1 - log_ratio)[mask].mean().item(),
-            "rollout/is_weight_mean": ratio.mean().item(), "rollout/is_weight_std": ratio.std().item(),
-            "rollout/is_weight_max": ratio.max().item(), "rollout/corrected_share": corrected.float().mean().item(),
-            "rollout/ess": (ratio.sum() ** 2 / (len(ratio) * (ratio**2).sum())).item()}
-
-
-def update_metrics(accelerator, stats, cliprange, **completions):
-    """TRL's metrics of one update, with TRL's names and definitions, over every process's completions (gather
-    concatenates them in process order; on one process it changes nothing). `stats` holds one value per
-    micro-batch (and diag_*: the first minibatch's logprobs, for the ratio diagnostics); `completions` one row per
-    completion."""
-    g = {name: accelerator.gather(torch.stack(v) if v[0].dim() == 0 else torch.cat(v)) for name, v in stats.items()}
-    g.update({name: accelerator.gather(tensor) for name, tensor in completions.items()})
-    ratio, scored = g["ratio"], g["scored"].bool()  # one mean per micro-batch; False where --reward-fn gave None
-    return {
-        "objective/kl": g["kl"].sum(1).mean().item(),
-        # TRL's entropy counts each padding position as -1 (it fills their logprobs with 1.0); ours does not
-        "objective/entropy": (-g["logprobs"].sum(1) - (g["response_mask"] == 0).sum(1)).mean().item(),
-        "objective/entropy_no_padding": -g["logprobs"].sum(1).mean().item(),
-        "objective/non_score_reward": g["non_score_reward"].mean().item(),
-        "objective/rlhf_reward": g["rlhf_reward"][scored].mean().item(),
-        "objective/scores": g["scores"][scored].mean().item(),
-        "objective/unscored": (~scored).sum().item(),  # completions --reward-fn returned None for
-        "policy/approxkl_avg": g["approxkl"].mean().item(),
-        "policy/clipfrac_avg": g["clipfrac"].mean().item(),
-        "loss/policy_avg": g["loss"].mean().item(),
-        "val/ratio": ratio.mean().item(),
-        "val/ratio_var": ratio.var().item() if len(ratio) > 1 else 0.0,  # (TRL's var() of one value: NaN)
-        **ratio_diagnostics(g["diag_new"], g["diag_old"], g["diag_mask"].bool(), cliprange),
-        **rollout_diagnostics(g["rollout_log_ratio"], g["response_mask"].bool(), g["is_ratio"],
-                              g["is_corrected"].bool()),
-    }
-
-
-def time_metrics(seconds, update_start, device):
-    """Wall time per phase of this update (time/other: batching, masks, rewards, advantages, gathering the metrics)
-    and the peak memory so far."""
-    update_seconds = time.perf_counter() - update_start
-    return {**{f"time/{phase}": value for phase, value in seconds.items()},
-            "time/other": update_seconds - sum(seconds.values()), "time/update": update_seconds,
-            "memory/peak_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30}
-
-
-def decoded_samples(tokenizer, queries, responses, response_mask, scores, n=4):
-    """The first n completions as (prompt's end, completion, score), for the console and wandb."""
-    return [(tokenizer.decode(queries[i], skip_special_tokens=True)[-60:],
-             tokenizer.decode(responses[i][response_mask[i]]), round(scores[i].item(), 3))
-            for i in range(min(n, len(responses)))]
-
-
-def saved_checkpoints(output_dir):
-    """The checkpoints in output_dir/checkpoints, oldest first. A checkpoint only gets its update_N name once it is
-    complete (it is renamed into place), so a crash while writing one leaves the previous one the newest."""
-    root = os.path.join(output_dir, "checkpoints")
-    names = os.listdir(root) if os.path.isdir(root) else []
-    return [os.path.join(root, n) for n in sorted(names) if n.startswith("update_") and n[7:].isdigit()]
-
-
-# The run records which code made it (args.json): --resume continues only a run of this very source.
-SCRIPT = os.path.basename(__file__)
-SCRIPT_SHA256 = hashlib.sha256(open(__file__, "rb").read()).hexdigest()
-
-
-def logged_updates(metrics_path):
-    """(line, update) for each complete line of a run's metrics.jsonl; a damaged line stops the run, naming it."""
-    logged = []
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.endswith("\n"):  # the last line, cut off by a crash: it is redone
-                    continue
-                try:
-                    logged.append((line, int(json.loads(line)["update"])))
-                except (ValueError, KeyError, TypeError) as error:
-                    sys.exit(f"error: line {number} of {metrics_path} is damaged ({type(error).__name__}); repair or "
-                             "delete that line, then run again")
-    return logged
-
-
-# Settings that change how a run is run (where it logs, how often it saves, memory for compute), not what it computes:
-# a resumed run may change them. Every other setting must be the same as the interrupted run's.
-RUN_ONLY_SETTINGS = {"exp_name", "output_dir", "track", "wandb_project_name", "wandb_entity", "save_every",
-                     "keep_checkpoints", "resume", "overwrite", "resume_anyway", "num_sample_generations",
-                     "gradient_checkpointing"}
-DERIVED_SETTINGS = {"batch_size", "local_batch_size", "mini_batch_size", "num_updates"}  # follow from the others
-
-
-# SIGINT (Ctrl-C) and SIGTERM (preemption) are recorded here; the loop then finishes the update under way, saves a
-# checkpoint and exits, all processes after the same update. A second SIGINT exits at once. (Installed when the
-# script runs as a program, not when main() is called from Python.)
-STOP_SIGNALS = []
-
-
-def stop_after_this_update(signum, frame):
-    if STOP_SIGNALS and signum == signal.SIGINT:
-        sys.exit("error: interrupted again; stopped at once, without saving (the newest checkpoint is intact)")
-    STOP_SIGNALS.append(signum)
-    if int(os.environ.get("RANK", "0")) == 0:  # os.write: the signal may have landed inside a print
-        os.write(1, f"{signal.Signals(signum).name}: finishing this update, then saving a checkpoint (Ctrl-C again: "
-                    "stop now)\n".encode())
-
-
-@contextlib.contextmanager
-def timed(seconds, phase):
-    """Adds the block's wall time to seconds[phase]. On a GPU it waits for the kernels queued before the block and
-    for its own, so that each phase is charged its own work (the waits cost a little throughput)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    yield
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds[phase] += time.perf_counter() - start
-
-
-def signalled(accelerator):
-    """Whether a stop signal reached any process; then every process stops after this same update."""
-    if STOP_SIGNALS:
-        accelerator.set_trigger()
-    return accelerator.check_trigger()
-
-
-def stop_non_finite(update, quantity, stepped=False):
-    state = "after DeepSpeed's step" if stepped else "stopped before the optimizer step, so the weights stay finite"
-    sys.exit(f"error: update {update}: non-finite {quantity}; {state}; nothing was saved")
-
-
-def load_or_exit(load, path, what, flag):
-    """load(path), or a one-line error naming the flag to fix. Given (model, loading info), every weight must have
-    come from the checkpoint: a causal LM passed as a reward model would otherwise get a random head, silently."""
-    try:
-        model = load(path)
-    except Exception as error:  # noqa: BLE001 (whatever the loader raises, the path given is what to check)
-        sys.exit(f"error: cannot load the {what} from {path!r} ({type(error).__name__}: "
-                 f"{(str(error).splitlines() or [''])[0]}); check {flag}")
-    if isinstance(model, tuple):
-        model, loading = model
-        if loading["missing_keys"]:
-            sys.exit(f"error: the {what} at {path!r} has no trained {', '.join(sorted(loading['missing_keys'])[:3])} "
-                     f"(is it a sequence-classification model with one label?); check {flag}")
-    return model
-
-
-def start_processes(args: Args):
-    """One process per GPU under `accelerate launch` (or torchrun); a plain `python script.py` is one process. Fills
-    in the paths the tiny preset builds and the derived sizes, and sets DeepSpeed's config from the flags. Returns
-    (accelerator, ZeRO stage or None, DeepSpeed config or None)."""
-    datasets.disable_progress_bars()  # one line per update is the progress display
-    transformers.utils.logging.disable_progress_bar()
-    # Precision is --dtype's alone (autocast below), whatever an accelerate config says; a GPU or else the CPU.
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="no",
-                              cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED"):
-        sys.exit(f"error: {accelerator.distributed_type.name} is not supported (data parallel or DeepSpeed ZeRO only: "
-                 "see the README); launch with another accelerate config")
-    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else None
-    args.world_size = accelerator.num_processes
-    if zero_stage == 3 and (args.sampler_dtype != "same" or args.sampler_sync_every > 1):
-        sys.exit("error: a sampler copy (--sampler-dtype, --sampler-sync-every) is not supported under ZeRO-3, whose "
-                 "shards it would gather whole; use ZeRO-2 or data parallel")
-    if zero_stage == 3 and args.lora_r:
-        sys.exit("error: --lora-r is not supported under ZeRO-3 (with LoRA the frozen weights are meant to fit "
-                 "whole); use ZeRO-2 or data parallel")
-    if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
-        import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
-
-        with accelerator.main_process_first():  # one process builds, the others load
-            world = tiny_world.ensure_world()
-        args.sft_model_path = args.sft_model_path or world["sft_model_path"]
-        args.reward_model_path = args.reward_model_path or world["reward_model_path"]
-        args.dataset_name = args.dataset_name or world["dataset_name"]
-    for flag in ("sft_model_path", "reward_model_path", "dataset_name"):
-        if not getattr(args, flag):
-            sys.exit(f"error: --{flag.replace('_', '-')} is required for --model {args.model}")
-    args.tokenizer_path = args.tokenizer_path or args.sft_model_path
-    check_args(args)
-    if args.total_episodes % args.batch_size:
-        accelerator.print(f"note: --total-episodes {args.total_episodes} is not a multiple of the {args.batch_size} "
-                          f"completions per update; training on {args.num_updates * args.batch_size}")
-    ds_config = None
-    if zero_stage is not None:
-        # Under DeepSpeed ZeRO the flags, not the accelerate config, set the sizes, the clipping and the precision;
-        # the config sets the stage and any offloading. bf16 then means bf16 weights with fp32 master weights in
-        # the optimizer (DeepSpeed's mixed precision), and the frozen models are held the same way (below).
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config.update(train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
-                         gradient_accumulation_steps=args.gradient_accumulation_steps,
-                         train_batch_size=args.mini_batch_size, gradient_clipping=args.max_grad_norm,
-                         bf16={"enabled": args.dtype == "bf16"}, fp16={"enabled": args.dtype == "fp16"})
-        ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # a loadable save
-        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()  # ZeRO-3's from_pretrained reads this config
-    return accelerator, zero_stage, ds_config
-
-
-def check_output_dir(args: Args, accelerator):
-    """An existing run is continued (--resume), replaced (--overwrite) or left alone, and checked before anything
-    loads or is written. Returns (the run's name, the checkpoint to resume from or None, the lines logged so far)."""
-    run_name = broadcast_object_list([f"{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"])[0]
-    args.output_dir = args.output_dir or os.path.join("runs", run_name)
-    checkpoint = (saved_checkpoints(args.output_dir) or [None])[-1] if args.resume else None
-    saved_args_path = os.path.join(args.output_dir, "args.json")
-    saved = json.load(open(saved_args_path)) if os.path.isfile(saved_args_path) else {}
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        sys.exit(f"error: --output-dir {args.output_dir!r} is a file; choose a directory")
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        if not (args.resume or args.overwrite):
-            sys.exit(f"error: --output-dir {args.output_dir!r} is not empty; pass --resume to continue the run in it, "
-                     "--overwrite to replace it, or choose another directory")
-        if "script" not in saved:
-            sys.exit(f"error: --output-dir {args.output_dir!r} holds no run (no args.json naming its script), so "
-                     "--resume and --overwrite leave it alone; choose another directory")
-        if saved["script"] != SCRIPT and not (args.resume and args.resume_anyway):
-            sys.exit(f"error: --output-dir {args.output_dir!r} holds a run of {saved['script']}, not of {SCRIPT}; "
-                     "choose another directory" + (f" (or --resume-anyway to continue it with {SCRIPT})" * args.resume))
-        if args.resume and saved["script_sha256"] != SCRIPT_SHA256 and not args.resume_anyway:
-            sys.exit(f"error: {SCRIPT} has changed since it made the run in {args.output_dir!r} (source sha256 "
-                     f"{saved['script_sha256'][:12]} -> {SCRIPT_SHA256[:12]}); pass --resume-anyway to continue it "
-                     "with the code as it is now")
-        if args.resume and not checkpoint and os.path.exists(os.path.join(args.output_dir, "model.safetensors")):
-            sys.exit(f"error: --output-dir {args.output_dir!r} holds a finished run without checkpoints, so there is "
-                     "nothing to resume; pass --overwrite to train it again")
-    if args.resume and saved:  # (settings a fork added or removed cannot be compared)
-        changed = [f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {saved[k]} -> {v}"
-                   for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()  # (tuples as in args.json)
-                   if k not in RUN_ONLY_SETTINGS | DERIVED_SETTINGS and k in saved and saved[k] != v]
-        if changed:
-            sys.exit(f"error: --resume needs the interrupted run's settings (its args.json), but {', '.join(changed)}")
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    logged = logged_updates(metrics_path) if args.resume else []
-    accelerator.wait_for_everyone()  # every process has checked before the main one writes anything
-    return run_name, checkpoint, logged
-
-
-def open_logs(args: Args, run_name, first_update, logged, is_main):
-    """On the main process: args.json (with the script and its source's hash), metrics.jsonl (a resumed run drops the
-    lines logged after its checkpoint: those updates are done again) and wandb with --track. Returns (the metrics
-    file, the wandb module), None where nothing is logged."""
-    metrics_path, saved_args_path = (os.path.join(args.output_dir, name) for name in ("metrics.jsonl", "args.json"))
-    metrics_file = None
-    if is_main:  # only the main process logs and saves
-        if args.overwrite:
-            shutil.rmtree(args.output_dir, ignore_errors=True)
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(saved_args_path, "w") as f:
-            json.dump({**dataclasses.asdict(args), "script": SCRIPT, "script_sha256": SCRIPT_SHA256}, f, indent=2)
-        if os.path.exists(metrics_path):
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(line for line, logged_update in logged if logged_update < first_update)
-            os.replace(metrics_path + ".tmp", metrics_path)
-        metrics_file = open(metrics_path, "a")
-    if not (args.track and is_main):
-        return metrics_file, None
-    import wandb
-
-    # A resumed run logs to the same wandb run; an unreachable wandb falls back to offline logging.
-    id_path = os.path.join(args.output_dir, "wandb_id")
-    run_id = open(id_path).read() if os.path.exists(id_path) else None
-    wandb_kwargs = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=run_id,
-                        resume="allow", config=dataclasses.asdict(args), dir=args.output_dir)
-    try:
-        wandb.init(**wandb_kwargs)
-    except Exception as error:  # noqa: BLE001 (wandb raises many kinds; none of them should stop training)
-        print(f"wandb unreachable ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
-              f"logging offline to {args.output_dir}/wandb (`wandb sync` uploads it later)")
-        wandb.init(**wandb_kwargs, mode="offline")
-    with open(id_path, "w") as f:
-        f.write(wandb.run.id)
-    return metrics_file, wandb
-
-
-def load_prompts(args: Args, tokenizer, accelerator):
-    """Every prompt of the dataset's column tokenized once, without special tokens; empty ones and those over
-    --max-prompt-length are dropped and counted. Returns the prompts and, with --reward-fn, the dataset's other
-    columns of the same rows."""
-    dataset = load_or_exit(lambda p: load_dataset(p, split=args.dataset_train_split), args.dataset_name,
-                           "dataset", "--dataset-name and --dataset-train-split")
-    if args.prompt_column not in dataset.column_names:
-        sys.exit(f"error: the dataset has no column {args.prompt_column!r} (it has {dataset.column_names}); "
-                 "set --prompt-column")
-    texts = dataset[args.prompt_column]
-    not_text = next((row for row, text in enumerate(texts) if not isinstance(text, str)), None)
-    if not_text is not None:
-        sys.exit(f"error: row {not_text} of the dataset's column {args.prompt_column!r} is {texts[not_text]!r}, not "
-                 "text; fix that row or set --prompt-column")
-    tokenized = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    kept = [row for row, ids in enumerate(tokenized) if 0 < len(ids) <= args.max_prompt_length]
-    prompts = [tokenized[row] for row in kept]
-    if len(prompts) < len(dataset):
-        empty = sum(1 for ids in tokenized if not ids)
-        accelerator.print(f"dropped {len(dataset) - len(prompts)} of {len(dataset)} prompts: {empty} empty, "
-                          f"{len(dataset) - len(prompts) - empty} longer than --max-prompt-length "
-                          f"{args.max_prompt_length}")
-    # The other columns of the kept rows, for --reward-fn (a verifier may read a reference answer there)
-    other = [name for name in dataset.column_names if name != args.prompt_column] if args.reward_fn else []
-    columns = {name: [values[row] for row in kept] for name, values in ((n, dataset[n]) for n in other)}
-    return prompts, columns
-
-
-def report(args: Args, update, metrics, samples, metrics_file, wandb):
-    """One update's metrics to metrics.jsonl, the console (a line, and the sample completions when there are some)
-    and wandb (with --track)."""
-    metrics_file.write(json.dumps({"update": update, **metrics}) + "\n")
-    metrics_file.flush()
-    print(f"update {update}/{args.num_updates}  episode {metrics['episode']}  "
-          f"scores {metrics['objective/scores']:+.3f}  rlhf_reward {metrics['objective/rlhf_reward']:+.3f}  "
-          f"kl {metrics['objective/kl']:.3f}  clipfrac {metrics['policy/clipfrac_avg']:.3f}  "
-          f"{metrics['time/update']:.2f}s", flush=True)
-    for query_text, response_text, score in samples or []:
-        print(f"    {score:+7.3f} | ...{query_text!r} -> {response_text!r}")
-    if wandb:
-        if samples:
-            metrics["samples"] = wandb.Table(columns=["query", "response", "score"], data=samples)
-        wandb.log(metrics, step=update)
+def prompt_batches(prompts, prompts_per_update, local_prompts, rank, pad_id, generator):
+    """Endless left-padded prompt batches, reshuffled every epoch over the dataset; this process's slice of each."""
+    while True:
+        order = torch.randperm(len(prompts), generator=generator).tolist()
+        for start in range(0, len(order) - prompts_per_update + 1, prompts_per_update):
+            rows = order[start : start + prompts_per_update][rank * local_prompts : (rank + 1) * local_prompts]
+            width = max(len(prompts[row]) for row in rows)
+            yield torch.tensor([[pad_id] * (width - len(prompts[row])) + prompts[row] for row in rows])
 
 
 def main(args: Args) -> None:
-    accelerator, zero_stage, ds_config = start_processes(args)
-    rank, is_main = accelerator.process_index, accelerator.is_main_process
-    run_name, checkpoint, logged = check_output_dir(args, accelerator)
+    accelerator = start_processes(args)
+    rank, is_main, device = accelerator.process_index, accelerator.is_main_process, accelerator.device
+    run_name = check_output_dir(args, accelerator)
 
-    # Seeding: sampling and minibatch order use the global generators, seeded per process so that processes
-    # sample different completions; the prompt order has its own generator, the same on every process.
+    # Sampling and minibatch order use the global generator, per process; the prompt order its own, shared by all.
     process_seed = args.seed + 100003 * rank  # so that seed s on process 1 is not seed s + 1 on process 0
-    random.seed(process_seed)
-    np.random.seed(process_seed)
     torch.manual_seed(process_seed)
     data_generator = torch.Generator().manual_seed(args.seed)
-    device = accelerator.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     temperature = args.temperature
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=args.dtype != "fp32")  # noqa: E731
@@ -910,361 +294,353 @@ def main(args: Args) -> None:
         sys.exit("error: the tokenizer needs an EOS token and a pad token distinct from it; check --tokenizer-path")
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     stop_id = eos_id if args.stop_token == "eos" else None
+    prompts = load_prompts(args, tokenizer, accelerator)
 
-    # Data: every prompt tokenized once; batches are left-padded as they are drawn.
-    prompts, columns = load_prompts(args, tokenizer, accelerator)
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    prompts_per_update = args.batch_size // args.rloo_k  # over all processes: each takes its own slice
-    local_prompts = args.local_batch_size // args.rloo_k
-    if len(prompts) < prompts_per_update:
-        sys.exit(f"error: only {len(prompts)} prompts fit --max-prompt-length {args.max_prompt_length}; "
-                 f"an update needs {prompts_per_update}")
-
-    def prompt_batches(skip):
-        """Endless prompt batches (with their rows in `prompts`), reshuffled every epoch over the dataset; this
-        process's slice of each. The first `skip` are drawn and dropped: a resumed run replays the order from the
-        seed up to where it stopped."""
-        while True:
-            order = torch.randperm(len(prompts), generator=data_generator).tolist()
-            for start in range(0, len(order) - prompts_per_update + 1, prompts_per_update):
-                if skip:
-                    skip -= 1
-                    continue
-                rows = order[start : start + prompts_per_update][rank * local_prompts : (rank + 1) * local_prompts]
-                width = max(len(prompts[row]) for row in rows)
-                yield torch.tensor([[pad_id] * (width - len(prompts[row])) + prompts[row] for row in rows]), rows
-
-    def frozen(model):
-        """The reference and reward models: never trained, no gradients. Under DeepSpeed they become inference
-        engines, held like the policy: in its precision and, under ZeRO-3, sharded over the processes."""
-        model.requires_grad_(False)
-        if zero_stage is None:
-            return model.to(device).eval()
-        import deepspeed
-
-        config = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size, "bf16": ds_config["bf16"],
-                  "fp16": ds_config["fp16"],
-                  "zero_optimization": ds_config["zero_optimization"] if zero_stage == 3 else {"stage": 0}}
-        return deepspeed.initialize(model=model, config=config)[0].module.eval()
-
-    # Models: the policy keeps fp32 weights and autocast does the low-precision compute. The reference policy
-    # is held exactly like it, so that the KL is exactly 0 before the first update in every dtype; the reward
-    # model is stored in the compute dtype. Every model stays in eval mode: dropout off, as Huang et al.
-    # require, and nothing else in these models depends on the mode. (Under ZeRO-3, from_pretrained loads each
-    # model already sharded over the processes.)
-    policy = load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
-                          args.sft_model_path, "SFT policy", "--sft-model-path").eval()
-    if args.lora_r:  # the reference is the policy with its adapters off
-        policy, ref_policy = with_lora(policy, args)
-    else:
-        ref_policy = frozen(load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
-                                         args.sft_model_path, "SFT policy", "--sft-model-path"))
-    reward_model = None if args.reward_model_path == "none" else frozen(load_or_exit(
-        lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1,
-                                                                     output_loading_info=True),
-        args.reward_model_path, "reward model", "--reward-model-path"))
-    positions, longest = getattr(policy.config, "max_position_embeddings", None), max(map(len, prompts))
-    if positions and longest + args.response_length > positions:
-        sys.exit(f"error: the longest prompt ({longest} tokens) + --response-length {args.response_length} exceed the "
-                 f"policy's {positions} positions; lower --max-prompt-length or --response-length")
-    for model, flag in ((policy, "--sft-model-path"), (reward_model, "--reward-model-path")):
-        if model is None:
-            continue
-        embeddings = model.get_input_embeddings().num_embeddings
-        if len(tokenizer) > embeddings:  # a token id past the table fails only mid-rollout (on a GPU, an assert)
-            sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the {embeddings} embeddings of the "
-                     f"model at {flag}; use a tokenizer and models that match")
-    if args.gradient_checkpointing:
-        for model in (policy,):
-            checkpoint_layers(model)
-    # RLOO holds three models (no value model), two with LoRA
-    models = [m for m in (policy, ref_policy, reward_model) if isinstance(m, torch.nn.Module)]
-    parameters = [p for p in policy.parameters() if p.requires_grad]  # with LoRA, the adapters only
+    # Models: the policy and reference in fp32 (so the KL is exactly 0 at first in every dtype), computing under
+    # autocast; the reward model stored in the compute dtype; all in eval mode: dropout off, as Huang et al. require.
+    policy, ref_policy, reward_model = load_models(args, dtype, device, tokenizer, prompts)
+    parameters = list(policy.parameters())
     # fused: one kernel for all the parameters (5.5x faster than the default foreach on this CPU, also on GPUs)
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0, fused=True)
-    count = lambda params: sum(getattr(p, "ds_numel", p.numel()) for p in params)  # noqa: E731 (ZeRO-3: full sizes)
-    held, trained = count(p for m in models for p in m.parameters()), count(parameters)
-    accelerator.print(f"{len(models)} models hold {held / 1e6:.2f}M parameters; {trained / 1e6:.2f}M are trained "
-                      "(AdamW keeps 2 fp32 values for each)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0 - update / args.num_updates)
-    # fp16 gradients underflow without loss scaling (DeepSpeed scales its own)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16" and zero_stage is None)
-    accelerator.register_for_checkpointing(scheduler, scaler)  # saved and restored with the models and the optimizer
-    # Data parallel: the policy's gradients are averaged over processes at every optimizer step (DDP, or DeepSpeed,
-    # whose engine then also clips and steps inside backward); on one process prepare() only moves the policy to
-    # the device. Generation and no-grad forwards use the unwrapped model.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16 gradients underflow without it
+    # Data parallel (DDP) averages the gradients over processes; generation and no-grad passes use the plain model.
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped_policy = accelerator.unwrap_model(policy)
 
-    # The sampler: the policy itself, or a copy held as an inference engine holds it (--sampler-dtype) and refreshed
-    # every --sampler-sync-every updates. The copy is saved with each checkpoint, so a resumed run samples alike.
-    sampler = unwrapped_policy
-    if args.sampler_dtype != "same" or args.sampler_sync_every > 1:
-        sampler_dtype = {"same": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
-                         "fp16": torch.float16}[args.sampler_dtype]
-        sampler = copy.deepcopy(unwrapped_policy).to(sampler_dtype).requires_grad_(False).eval()
-        accelerator.register_for_checkpointing(sampler)
-    learner_top_p = args.top_p if args.top_p_logprobs == "renormalized" else 1.0
-
-    @contextlib.contextmanager
-    def whole_policy():
-        """Under ZeRO-3 each process holds a shard of every weight, and each layer gathers its own in its forward.
-        Generation runs the model once per token, so the rollout gathers the whole policy once instead, with the
-        per-layer hooks off meanwhile (TRL does the same). Elsewhere there is nothing to gather."""
-        if zero_stage != 3:
-            yield
-            return
-        import deepspeed
-
-        hooks = policy.optimizer.parameter_offload
-        with deepspeed.zero.GatheredParameters(list(unwrapped_policy.parameters())):
-            hooks._remove_module_hooks()
-            try:
-                yield
-            finally:
-                hooks.forward_hooks.clear()
-                hooks.backward_hooks.clear()
-                hooks.setup_zero_stage3_hooks()
-
-    # Resume: weights, optimizer, scheduler, scaler and every process's RNG states come back from the checkpoint, and
-    # the prompt order is replayed from the seed, so the run goes on as if it had never stopped.
-    first_update = 1
-    if checkpoint:
-        try:
-            accelerator.load_state(checkpoint)
-        except Exception as error:  # noqa: BLE001 (a checkpoint damaged on disk: whatever torch raises, say which)
-            sys.exit(f"error: cannot load the checkpoint {checkpoint} ({type(error).__name__}: "
-                     f"{(str(error).splitlines() or [''])[0]}); delete it to resume from the one before")
-        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            first_update = json.load(f)["update"] + 1
-        accelerator.print(f"resuming {args.output_dir} after update {first_update - 1} ({checkpoint})")
-    elif args.resume:
-        accelerator.print(f"no checkpoint in {args.output_dir}: starting the run from the beginning")
-
-    def save_checkpoint(update):
-        """Every process writes its part into update_N.partial, renamed to update_N once complete; then the oldest
-        beyond --keep-checkpoints go."""
-        path = os.path.join(args.output_dir, "checkpoints", f"update_{update:07d}")
-        if is_main:
-            shutil.rmtree(path + ".partial", ignore_errors=True)  # left by a crash while saving
-        accelerator.wait_for_everyone()
-        accelerator.save_state(path + ".partial")
-        accelerator.wait_for_everyone()
-        if is_main:
-            with open(os.path.join(path + ".partial", "trainer_state.json"), "w") as f:
-                json.dump({"update": update, "episode": update * args.batch_size}, f)
-            os.sync()  # on disk before it is named: a power cut cannot leave a complete-looking partial checkpoint
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(path + ".partial", path)
-            for old in saved_checkpoints(args.output_dir)[: -args.keep_checkpoints]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-
-    metrics_file, wandb = open_logs(args, run_name, first_update, logged, is_main)
-    sample_every = max(1, args.num_updates // max(1, args.num_sample_generations))
-    accelerator.print(f"{args.num_updates} updates of {args.batch_size} completions ({prompts_per_update} prompts "
-                      f"x k={args.rloo_k}) on {args.world_size} x {device.type}, {args.dtype}; output in "
-                      f"{args.output_dir}")
-
-    # With one micro-batch per optimizer step, one step per epoch and one rollout chunk, the first training forward
-    # would run over exactly the rollout's completions before any step: the rollout's policy forward becomes that
-    # forward, run with autograd and trained on in the first epoch (exact, and one forward fewer per update).
-    train_on_rollout_forward = (args.old_logprobs == "forward" and args.num_mini_batches == 1
-                                and args.gradient_accumulation_steps == 1
-                                and args.local_rollout_forward_batch_size >= args.local_batch_size)
-
-    def training_forward(idx, epoch) -> PolicyOutput:
-        """The training pass over this update's completions idx, with autograd (DDP synchronises the gradients at a
-        minibatch's last micro-batch). In the first epoch with train_on_rollout_forward, it is the rollout's own
-        pass, kept: the same computation on the same weights, one forward fewer."""
-        if epoch == 0 and train_on_rollout_forward:
-            return PolicyOutput(*(tensor[idx] for tensor in kept_forward))
-        with autocast(), accelerator.accumulate(policy), timed(seconds, "forward"):
-            return policy_forward(policy, query_responses[idx], attention_masks[idx], context_length, temperature,
-                                  learner_top_p)
-
-    def score(queries, responses, response_mask, rows) -> torch.Tensor:
-        """(b,) scores of one chunk's completions: --reward-model-weight x the reward model's (read at the last real
-        token) + --reward-fn-weight x the Python function's; NaN where the function returned None (the completion
-        is then unscored, even by a reward model)."""
-        parts = []
-        if reward_model is not None:
-            query_responses = torch.cat([queries, responses], 1)
-            attention_mask = torch.cat([queries != pad_id, response_mask], 1)
-            last_index = queries.shape[1] + response_mask.sum(1) - 1
-            model_scores = reward_scores(reward_model, query_responses, attention_mask, last_index)
-            if not torch.isfinite(model_scores).all():
-                stop_non_finite(update, "score")
-            parts.append(args.reward_model_weight * model_scores)
-        if reward_fn is not None:
-            texts = (tokenizer.batch_decode(ids, skip_special_tokens=True) for ids in (queries, responses))
-            completion_ids = [ids[mask].tolist() for ids, mask in zip(responses, response_mask)]
-            chunk_columns = {name: [values[row] for row in rows] for name, values in columns.items()}
-            values = function_scores(reward_fn, *texts, completion_ids, chunk_columns)
-            parts.append(args.reward_fn_weight * torch.tensor(values, device=device))
-        return torch.stack(parts).sum(0)
-
-    def optimizer_step(update):
-        """At the end of each minibatch: the gradient norm clipped to --max-grad-norm over all processes, then AdamW
-        (with fp16, through the loss scaler). Under DeepSpeed the engine has already stepped inside backward."""
-        with timed(seconds, "optimizer"):
-            scaler.unscale_(optimizer)
-            grad_norm = float(accelerator.clip_grad_norm_(parameters, args.max_grad_norm))  # the same everywhere
-            if args.dtype != "fp16" and not math.isfinite(grad_norm):
-                stop_non_finite(update, "gradient", stepped=zero_stage is not None)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-    batches = prompt_batches(skip=first_update - 1)
+    metrics_file, wandb = open_logs(args, run_name, is_main)
+    batches = prompt_batches(prompts, args.batch_size // args.rloo_k, args.local_batch_size // args.rloo_k, rank,
+                             pad_id, data_generator)
+    local_mini_batch_size = args.mini_batch_size // args.world_size  # each process trains on its own completions
     start_time = time.time()
-    for update in range(first_update, args.num_updates + 1):
+    for update in range(1, args.num_updates + 1):
         update_start = time.perf_counter()
-        seconds = dict.fromkeys(("generation", "forward", "backward", "optimizer"), 0.0)  # the rest is time/other
-        if sampler is not unwrapped_policy and (update - 1) % args.sampler_sync_every == 0:
-            sampler.load_state_dict(unwrapped_policy.state_dict())  # the engine takes the policy's weights
-        # 1. Rollout: every prompt k times, as k blocks of the batch (completion j of prompt i at j * B + i).
-        prompt_ids, prompt_rows = next(batches)
-        queries, rows = prompt_ids.repeat(args.rloo_k, 1).to(device), prompt_rows * args.rloo_k  # (k * B, Tq)
+        # 1. Generate: every prompt k times, as k blocks of the batch (completion j of prompt i at j * B + i).
+        queries = next(batches).repeat(args.rloo_k, 1).to(device)  # (k * B, Tq)
         context_length = queries.shape[1]
-        chunks = []  # (responses, mask, logprobs, ref_logprobs, scores, sampler's logprobs) of each chunk
+        chunks = []  # (responses, mask, logprobs, ref_logprobs, scores) of each chunk
         with torch.no_grad(), autocast():
             for i in range(0, len(queries), args.local_rollout_forward_batch_size):  # chunk_*: this chunk's rows
                 chunk_queries = queries[i : i + args.local_rollout_forward_batch_size]
-                with whole_policy(), timed(seconds, "generation"):
-                    chunk_responses, chunk_mask, sampled_logprobs = sample(
-                        sampler, chunk_queries, pad_id, stop_id, args.response_length, temperature, args.top_p)
-                chunk_attention_mask = torch.cat([chunk_queries != pad_id, chunk_mask], 1)
+                chunk_responses, chunk_mask, sampled_logprobs = sample(
+                    unwrapped_policy, chunk_queries, pad_id, stop_id, args.response_length, temperature)
                 chunk_query_responses = torch.cat([chunk_queries, chunk_responses], 1)
-                if not torch.isfinite(sampled_logprobs).all():  # NaN logits would be sampled as the last token
-                    stop_non_finite(update, "logits in sampling")
-                with timed(seconds, "forward"):
-                    # The frozen models first, so that a policy graph kept for training never waits beside them.
-                    chunk_ref_logprobs = response_logprobs(ref_policy, chunk_query_responses, chunk_attention_mask,
-                                                           context_length, temperature, learner_top_p)
-                    chunk_scores = score(chunk_queries, chunk_responses, chunk_mask,
-                                         rows[i : i + args.local_rollout_forward_batch_size])
-                    if args.old_logprobs == "generate":
-                        chunk_logprobs = sampled_logprobs
-                    elif train_on_rollout_forward:  # the first epoch's training pass, kept (see training_forward)
-                        with torch.enable_grad(), accelerator.accumulate(policy):
-                            kept_forward = policy_forward(policy, chunk_query_responses, chunk_attention_mask,
-                                                          context_length, temperature, learner_top_p)
-                        chunk_logprobs = kept_forward.logprobs.detach()
-                    else:
-                        chunk_logprobs = response_logprobs(unwrapped_policy, chunk_query_responses,
-                                                           chunk_attention_mask, context_length, temperature,
-                                                           learner_top_p)
-                chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores,
-                               sampled_logprobs))
-        responses, response_mask, logprobs, ref_logprobs, scores, sampler_logprobs = map(
-            torch.cat, zip(*chunks))  # (k * B, R), scores (k * B,)
+                chunk_attention_mask = torch.cat([chunk_queries != pad_id, chunk_mask], 1)
+                # 2. Logprobs of the sampled tokens under the reference and the policy (or the sampling pass's own).
+                chunk_ref_logprobs = policy_forward(ref_policy, chunk_query_responses, chunk_attention_mask,
+                                                    context_length, temperature).logprobs
+                chunk_logprobs = sampled_logprobs if args.old_logprobs == "generate" else policy_forward(
+                    unwrapped_policy, chunk_query_responses, chunk_attention_mask, context_length, temperature).logprobs
+                # 3. Score: the reward model reads the last real token.
+                last_index = context_length + chunk_mask.sum(1) - 1
+                chunk_scores = reward_scores(reward_model, chunk_query_responses, chunk_attention_mask, last_index)
+                chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores))
+        responses, response_mask, logprobs, ref_logprobs, scores = map(torch.cat, zip(*chunks))  # (k * B, R), (k * B,)
         logprobs, ref_logprobs = (x.masked_fill(~response_mask, 0.0) for x in (logprobs, ref_logprobs))
         query_responses = torch.cat([queries, responses], 1)
         attention_masks = torch.cat([queries != pad_id, response_mask], 1)
 
-        # 2. Reward: the EOS trick, then the KL penalty. The whole completion is one action, so its reward
-        #    is the score plus the summed per-token penalty (k1 estimator: logprob - ref_logprob).
-        scored = ~scores.isnan()  # False where --reward-fn returned None: advantage 0, see rloo_advantages
-        contains_eos = (responses == eos_id).any(1)
+        # 4. KL-penalised reward: the EOS trick, then one action's reward: the score minus kl_coef x its summed k1 KL.
         if args.missing_eos_penalty is not None:
-            scores = torch.where(contains_eos, scores, scores - args.missing_eos_penalty)
+            scores = torch.where((responses == eos_id).any(1), scores, scores - args.missing_eos_penalty)
         kl = logprobs - ref_logprobs  # (k * B, R), zero after the stop token
-        for name, value in (("score", scores[scored]), ("KL", kl)):
-            if not torch.isfinite(value).all():  # in every dtype: nothing good is learnt from a NaN reward
-                stop_non_finite(update, name)
         non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward
-        advantages = rloo_advantages(rlhf_reward, args.rloo_k)
-        # The sampler is not the learner: per token, the old policy's log-probability under the learner minus under
-        # the sampler (0 with --old-logprobs generate, where they are the same numbers), and the correction's weights.
-        rollout_log_ratio = logprobs - sampler_logprobs
-        is_ratio, is_weights, is_corrected = rollout_weights(rollout_log_ratio, response_mask, args.rollout_correction,
-                                                             args.rollout_correction_cap)
 
-        # 3. Optimise: PPO-clip on the sequence-level ratio; epochs x minibatches x accumulated micro-batches, each
-        #    process over its own completions (its share of every minibatch), the gradients averaged over processes.
-        stats = collections.defaultdict(list)  # for the log: one value per micro-batch (diag_*: the first minibatch's)
-        local_mini_batch_size = args.mini_batch_size // args.world_size
+        # 5. Advantages: each completion's reward minus the mean reward of its prompt's other k-1 completions.
+        advantages = rloo_advantages(rlhf_reward, args.rloo_k)
+
+        # 6. Loss: PPO-clip on the sequence-level ratio, over epochs x minibatches x accumulated micro-batches.
+        stats = collections.defaultdict(list)  # logged as the mean over the update, each under its name
+        first_minibatch = []  # (new, old logprobs, mask) of each micro-batch, for the ratio diagnostics
         for epoch in range(args.num_ppo_epochs):
             order = torch.randperm(args.local_batch_size, device=device)
             for mb_start in range(0, args.local_batch_size, local_mini_batch_size):
                 for micro_start in range(mb_start, mb_start + local_mini_batch_size, args.per_device_train_batch_size):
                     idx = order[micro_start : micro_start + args.per_device_train_batch_size]
-                    output = training_forward(idx, epoch)  # everything the loss below may use
+                    with autocast(), accelerator.accumulate(policy):  # (DDP averages at the last micro-batch)
+                        output = policy_forward(policy, query_responses[idx], attention_masks[idx], context_length,
+                                                temperature)  # everything the loss below may use
                     new_logprobs = output.logprobs.masked_fill(~response_mask[idx], 0.0)
-                    first_minibatch = epoch == 0 and mb_start == 0
                     old_logprobs = logprobs[idx]
-                    if first_minibatch and args.old_logprobs == "forward":
-                        # No optimizer step yet, so this forward IS the sampling policy: reusing it makes the ratio
-                        # exactly 1, whereas GPU kernels may round the rollout pass's other batch shape differently.
-                        old_logprobs = new_logprobs.detach()
+                    if epoch == 0 and mb_start == 0 and args.old_logprobs == "forward":
+                        old_logprobs = new_logprobs.detach()  # no step yet: this pass IS the sampler (ratio 1)
                     new_seq, old_seq = new_logprobs.sum(1), old_logprobs.sum(1)
-                    # Rollout correction: each completion's term weighted by is_weights (1 without it). A weight w >= 0
-                    # scales a clipped term, the same as scaling its advantage (rollout_weights has the estimators).
-                    loss, clipfrac = ppo_clip_loss(new_seq, old_seq, advantages[idx] * is_weights[idx], args.cliprange)
-                    # Checked before backward, inside which DeepSpeed steps (fp16's loss scaling skips such steps)
-                    if args.dtype != "fp16" and not torch.isfinite(loss):
-                        stop_non_finite(update, "loss")
-                    with timed(seconds, "backward"):  # (under DeepSpeed, also the step at the last micro-batch)
-                        accelerator.backward(scaler.scale(loss))  # divides by gradient_accumulation_steps
-                    with torch.no_grad():  # TRL's statistics; val/ratio's is per token, padding's ratio being 1
-                        stats["approxkl"].append(0.5 * ((new_seq - old_seq) ** 2).mean())
-                        stats["clipfrac"].append(clipfrac)
-                        stats["loss"].append(loss.detach())
-                        stats["ratio"].append((new_logprobs - old_logprobs).exp().mean())
-                        if first_minibatch:
-                            stats["diag_new"].append(new_logprobs.detach())
-                            stats["diag_old"].append(old_logprobs)
-                            stats["diag_mask"].append(response_mask[idx].long())
-                optimizer_step(update)
 
-        # 4. Log: one dict per update, to the console, metrics.jsonl and wandb.
+                    loss, clipfrac = ppo_clip_loss(new_seq, old_seq, advantages[idx], args.cliprange)
+
+                    with torch.no_grad():  # TRL's statistics; val/ratio's is per token, padding's ratio being 1
+                        stats["policy/approxkl_avg"].append(0.5 * ((new_seq - old_seq) ** 2).mean())
+                        stats["policy/clipfrac_avg"].append(clipfrac)
+                        stats["loss/policy_avg"].append(loss.detach())
+                        stats["val/ratio"].append((new_logprobs - old_logprobs).exp().mean())
+                        if epoch == 0 and mb_start == 0:
+                            first_minibatch.append((new_logprobs.detach(), old_logprobs, response_mask[idx].long()))
+                    accelerator.backward(scaler.scale(loss))  # divides by gradient_accumulation_steps
+                # The minibatch's step: the gradient clipped over all processes, then AdamW (fp16: through the scaler)
+                scaler.unscale_(optimizer)
+                grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)  # the norm before clipping
+                stats["grad_norm"].append(torch.as_tensor(grad_norm, dtype=torch.float32, device=device))
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+
+        # 7. Log: one dict per update, to the console, metrics.jsonl and wandb.
         metrics = {
-            **update_metrics(accelerator, stats, args.cliprange, kl=kl, logprobs=logprobs,
+            **update_metrics(accelerator, stats, first_minibatch, args.cliprange, kl=kl, logprobs=logprobs,
                              response_mask=response_mask.long(), non_score_reward=non_score_reward,
-                             rlhf_reward=rlhf_reward, scores=scores, scored=scored.long(),
-                             rollout_log_ratio=rollout_log_ratio, is_ratio=is_ratio, is_corrected=is_corrected.long()),
+                             rlhf_reward=rlhf_reward, scores=scores),
             "val/num_eos_tokens": (responses == eos_id).sum().item(),  # this process's, as TRL logs it
-            "lr": scheduler.get_last_lr()[0],
-            "episode": update * args.batch_size,
-            "eps": (update - first_update + 1) * args.batch_size / (time.time() - start_time),
-            **time_metrics(seconds, update_start, device),
+            "lr": scheduler.get_last_lr()[0], "episode": update * args.batch_size,
+            "eps": update * args.batch_size / (time.time() - start_time),
+            "time/update": time.perf_counter() - update_start,
         }
         if is_main:
-            show = update == 1 or update % sample_every == 0 or update == args.num_updates
-            samples = decoded_samples(tokenizer, queries, responses, response_mask, scores) if show else None
-            report(args, update, metrics, samples, metrics_file, wandb)
-
+            report(args, update, metrics, tokenizer, (queries, responses, response_mask, scores), metrics_file, wandb)
         scheduler.step()  # after logging: `lr` is the rate this update trained with, as TRL logs it
-
-        # 5. Checkpoint: every --save-every updates, at the end, and after a stop signal (Ctrl-C, preemption).
-        stopping = signalled(accelerator)
-        if update % args.save_every == 0 or update == args.num_updates or stopping:
-            save_checkpoint(update)
-        if stopping and update < args.num_updates:  # (at the last update the run simply ends, saving the policy)
-            accelerator.print(f"stopped by a signal after update {update}; saved a checkpoint; run the same command "
-                              "with --resume to continue")
-            sys.exit(128 + (STOP_SIGNALS or [signal.SIGTERM])[0])  # the shell's code for death by that signal
 
     # Every process takes part in collecting the weights (a no-op without sharding); the main one writes them.
     state_dict = accelerator.get_state_dict(policy)
     if is_main:
         metrics_file.close()
-        unwrapped_policy.save_pretrained(args.output_dir, state_dict=state_dict)  # with LoRA, the adapters
+        unwrapped_policy.save_pretrained(args.output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(args.output_dir)
         print(f"saved the policy and tokenizer to {args.output_dir}")
-        if args.merge_lora_on_save:  # the adapters added into the weights: a plain model (the run ends here)
-            unwrapped_policy.merge_and_unload().save_pretrained(os.path.join(args.output_dir, "merged"))
-            tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
         if args.track:
             wandb.finish()
     accelerator.wait_for_everyone()  # no process exits while another still needs it
 
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, stop_after_this_update)
-    signal.signal(signal.SIGTERM, stop_after_this_update)
-    # Foreseeable mistakes (a flag, a path, a column, a value) exit with a one-line message where they are checked;
-    # anything else keeps Python's traceback, so that a bug in a fork shows its line.
+# ---- Plumbing: flags, processes, loading, logging ----
+
+# The flags, and the preset, that only rloo_full.py has
+FULL_ONLY = set("""save-every keep-checkpoints resume overwrite resume-anyway reward-fn reward-model-weight
+    reward-fn-weight sampler-dtype sampler-sync-every top-p top-p-logprobs rollout-correction rollout-correction-cap
+    gradient-checkpointing lora-r lora-alpha lora-dropout lora-target-modules merge-lora-on-save
+    train-on-rollout-forward pythia-6.9b""".split())
+
+
+def parse_args(argv=None) -> Args:
+    # --model picks the preset whose values become the defaults: `--model X --help` shows X's settings.
+    argv = sys.argv[1:] if argv is None else argv
+    asked = [word for word in argv if {word.split("=")[-1], word.split("=")[0][2:].removeprefix("no-")} & FULL_ONLY]
+    if asked:
+        sys.exit(f"error: {asked[0]} is in rloo_full.py, not in the core rloo.py: run rloo_full.py with the same flags")
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model", default="tiny")
+    name = peek.parse_known_args(argv)[0].model
+    if name not in PRESETS:
+        sys.exit(f"error: unknown --model {name!r}; choose one of {', '.join(PRESETS)}")
+    return tyro.cli(Args, default=PRESETS[name], args=argv, description=__doc__)
+
+
+def check_args(args: Args) -> None:
+    """Refuse settings that cannot work, each with a one-line reason, before any of them reaches arithmetic; then
+    derive the batch sizes once."""
+    at_least_one = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
+                    "local_rollout_forward_batch_size", "response_length", "max_prompt_length", "total_episodes")
+    problems = [
+        (args.rloo_k < 2, f"--rloo-k must be at least 2 (got {args.rloo_k}): the baseline needs other completions"),
+        *((getattr(args, name) < 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+          for name in at_least_one),
+        (not args.temperature > 0, f"--temperature must be > 0 (got {args.temperature})"),
+        (not args.learning_rate >= 0, f"--learning-rate must be >= 0 (got {args.learning_rate})"),
+        (not args.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {args.max_grad_norm})"),
+        (not args.kl_coef >= 0, f"--kl-coef must be >= 0 (got {args.kl_coef})"),
+        (not args.cliprange > 0, f"--cliprange must be > 0 (got {args.cliprange})"),
+    ]
+    for failed, message in problems:
+        if failed:
+            sys.exit(f"error: {message}")
+    args.mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    args.batch_size = args.mini_batch_size * args.num_mini_batches
+    args.local_batch_size = args.batch_size // args.world_size
+    # Rounded up, as TRL's num_total_batches: at least --total-episodes completions (and the LR decays over them)
+    args.num_updates = -(-args.total_episodes // args.batch_size)
+    # The k completions of a prompt stay on one process, so that its leave-one-out group is local.
+    if args.local_batch_size % args.rloo_k:
+        sys.exit(f"error: --rloo-k {args.rloo_k} must divide the {args.local_batch_size} completions per update of "
+                 "each process (per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches)")
+
+
+def start_processes(args: Args):
+    """One process per GPU under `accelerate launch` (`python rloo.py`: one); the tiny world's paths filled in."""
+    datasets.disable_progress_bars()  # one line per update is the progress display
+    transformers.utils.logging.disable_progress_bar()
+    # Precision is --dtype's alone (autocast), whatever an accelerate config says; a GPU or else the CPU.
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="no",
+                              cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type.name not in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        sys.exit(f"error: {accelerator.distributed_type.name} is not supported by rloo.py (data parallel only); "
+                 "DeepSpeed ZeRO runs in rloo_full.py")
+    args.world_size = accelerator.num_processes
+    accelerate.utils.other.is_deepspeed_available = lambda: False  # (else unwrapping imports DeepSpeed: it warns)
+    if args.model == "tiny" and not (args.sft_model_path and args.reward_model_path and args.dataset_name):
+        import tiny_world  # the tiny preset builds its models and data locally instead of downloading them
+
+        with accelerator.main_process_first():  # one process builds, the others load
+            world = tiny_world.ensure_world()
+        args.sft_model_path = args.sft_model_path or world["sft_model_path"]
+        args.reward_model_path = args.reward_model_path or world["reward_model_path"]
+        args.dataset_name = args.dataset_name or world["dataset_name"]
+    for flag in ("sft_model_path", "reward_model_path", "dataset_name"):
+        if not getattr(args, flag):
+            sys.exit(f"error: --{flag.replace('_', '-')} is required for --model {args.model}")
+    args.tokenizer_path = args.tokenizer_path or args.sft_model_path
+    check_args(args)
+    return accelerator
+
+
+def check_output_dir(args: Args, accelerator):
+    """The run's name; its directory is checked before anything is loaded or written, never to lose a run's results."""
+    run_name = broadcast_object_list([f"{args.exp_name}__{args.model}__{args.seed}__{int(time.time())}"])[0]
+    args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        sys.exit(f"error: --output-dir {args.output_dir!r} is a file; choose a directory")
+    found = set(os.listdir(args.output_dir)) if os.path.isdir(args.output_dir) else set()
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")  # a run that stopped before its first update
+    unstarted = "args.json" in found and not (os.path.exists(metrics_path) and os.path.getsize(metrics_path)) and (
+        found <= {"args.json", "metrics.jsonl", "wandb", "wandb_id"})  # has nothing to lose: it may start again
+    if found and not unstarted:
+        sys.exit(f"error: --output-dir {args.output_dir!r} is not empty; choose another directory (rloo_full.py "
+                 "--resume continues a run in it, --overwrite replaces it)")
+    accelerator.wait_for_everyone()  # every process has checked before the main one writes anything
+    return run_name
+
+
+def load_or_exit(load, path, what, flag):
+    """load(path), or a one-line error naming the flag to fix; with loading info, every weight must have been loaded
+    (a causal LM passed as a reward model would otherwise get a random head, silently)."""
+    try:
+        model = load(path)
+    except Exception as error:  # noqa: BLE001 (whatever the loader raises, the path given is what to check)
+        sys.exit(f"error: cannot load the {what} from {path!r} ({type(error).__name__}: "
+                 f"{(str(error).splitlines() or [''])[0]}); check {flag}")
+    if isinstance(model, tuple):
+        model, loading = model
+        if loading["missing_keys"]:
+            sys.exit(f"error: the {what} at {path!r} has no trained {', '.join(sorted(loading['missing_keys'])[:3])} "
+                     f"(is it a sequence-classification model with one label?); check {flag}")
+    return model
+
+
+def load_prompts(args: Args, tokenizer, accelerator):
+    """Every prompt tokenized once, without special tokens; empty ones and those over --max-prompt-length dropped."""
+    dataset = load_or_exit(lambda p: load_dataset(p, split=args.dataset_train_split), args.dataset_name,
+                           "dataset", "--dataset-name and --dataset-train-split")
+    if args.prompt_column not in dataset.column_names:
+        sys.exit(f"error: the dataset has no column {args.prompt_column!r} (it has {dataset.column_names}); "
+                 "set --prompt-column")
+    texts = dataset[args.prompt_column]
+    tokenized = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    kept = [row for row, ids in enumerate(tokenized) if 0 < len(ids) <= args.max_prompt_length]
+    prompts = [tokenized[row] for row in kept]
+    if len(prompts) < len(dataset):
+        accelerator.print(f"dropped {len(dataset) - len(prompts)} of {len(dataset)} prompts: empty or longer than "
+                          f"--max-prompt-length {args.max_prompt_length}")
+    if len(prompts) < args.batch_size // args.rloo_k:
+        sys.exit(f"error: only {len(prompts)} prompts fit --max-prompt-length {args.max_prompt_length}; "
+                 f"an update needs {args.batch_size // args.rloo_k}")
+    return prompts
+
+
+def load_models(args: Args, dtype, device, tokenizer, prompts):
+    """The policy, the reference policy and the reward model, checked against the tokenizer and the prompts."""
+    policy = load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
+                          args.sft_model_path, "SFT policy", "--sft-model-path").eval()
+    ref_policy = load_or_exit(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32),
+                              args.sft_model_path, "SFT policy", "--sft-model-path")
+    ref_policy = ref_policy.requires_grad_(False).to(device).eval()
+    reward_model = load_or_exit(
+        lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=dtype, num_labels=1,
+                                                                     output_loading_info=True),
+        args.reward_model_path, "reward model", "--reward-model-path")
+    reward_model = reward_model.requires_grad_(False).to(device).eval()
+    positions, longest = getattr(policy.config, "max_position_embeddings", None), max(map(len, prompts))
+    if positions and longest + args.response_length > positions:
+        sys.exit(f"error: the longest prompt ({longest} tokens) + --response-length {args.response_length} exceed the "
+                 f"policy's {positions} positions; lower --max-prompt-length or --response-length")
+    for model, flag in ((policy, "--sft-model-path"), (reward_model, "--reward-model-path")):
+        embeddings = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > embeddings:  # a token id past the table fails only mid-rollout (on a GPU, an assert)
+            sys.exit(f"error: the tokenizer has {len(tokenizer)} tokens, more than the {embeddings} embeddings of the "
+                     f"model at {flag}; use a tokenizer and models that match")
+    return policy, ref_policy, reward_model
+
+
+def open_logs(args: Args, run_name, is_main):
+    """args.json, metrics.jsonl and wandb (--track), on the main process: (metrics file, wandb module) or None."""
+    if not is_main:  # only the main process logs and saves
+        return None, None
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump({**dataclasses.asdict(args), "script": os.path.basename(__file__)}, f, indent=2)
+    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+    if not args.track:
+        return metrics_file, None
+    import wandb
+
+    wandb_kwargs = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                        config=dataclasses.asdict(args), dir=args.output_dir)
+    wandb.init(**wandb_kwargs)
+    return metrics_file, wandb
+
+
+def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
+    """The first minibatch's ratio, before any step, should be exactly 1: anything else is numerical mismatch of the
+    two logprob sources (bf16, KV cache, batch shape). clipfrac: ratios outside [1 - c, 1 + c], whatever the sign."""
+    token_ratio = torch.exp(new_logprobs - old_logprobs)[mask]
+    seq_ratio = torch.exp(((new_logprobs - old_logprobs) * mask).sum(1))
+    stats = {}
+    for name, ratio in (("token", token_ratio), ("seq", seq_ratio)):
+        stats.update({f"diag/ratio_{name}_mean": ratio.mean().item(), f"diag/ratio_{name}_std": ratio.std().item(),
+                      f"diag/ratio_{name}_min": ratio.min().item(), f"diag/ratio_{name}_max": ratio.max().item(),
+                      f"diag/clipfrac_{name}": ((ratio - 1).abs() > cliprange).float().mean().item()})
+    return stats
+
+
+def update_metrics(accelerator, stats, first_minibatch, cliprange, **completions):
+    """TRL's metrics of one update, with TRL's names and definitions, over every process's completions (gathered in
+    process order). Each list in `stats` is logged as its mean under its own name: a fork's statistic is logged too."""
+    g = {name: accelerator.gather(tensor) for name, tensor in completions.items()}
+    stats = {name: accelerator.gather(torch.stack(values)) for name, values in stats.items()}
+    new, old, mask = (accelerator.gather(torch.cat(tensors)) for tensors in zip(*first_minibatch))
+    return {
+        "objective/kl": g["kl"].sum(1).mean().item(),
+        # TRL's entropy counts each padding position as -1 (it fills their logprobs with 1.0); ours does not
+        "objective/entropy": (-g["logprobs"].sum(1) - (g["response_mask"] == 0).sum(1)).mean().item(),
+        "objective/entropy_no_padding": -g["logprobs"].sum(1).mean().item(),
+        "objective/non_score_reward": g["non_score_reward"].mean().item(),
+        "objective/rlhf_reward": g["rlhf_reward"].mean().item(),
+        "objective/scores": g["scores"].mean().item(),
+        **{name: per_step.mean().item() for name, per_step in stats.items()},
+        # (TRL's var() of one micro-batch's value: NaN)
+        "val/ratio_var": stats["val/ratio"].var().item() if len(stats["val/ratio"]) > 1 else 0.0,
+        **ratio_diagnostics(new, old, mask.bool(), cliprange),
+    }
+
+
+def report(args: Args, update, metrics, tokenizer, completions, metrics_file, wandb):
+    """One update's metrics to metrics.jsonl, the console and wandb; --num-sample-generations times in the run, also
+    the first 4 completions (the prompt's end, the completion, its score)."""
+    metrics_file.write(json.dumps({"update": update, **metrics}) + "\n")
+    metrics_file.flush()
+    print(f"update {update}/{args.num_updates}  episode {metrics['episode']}  "
+          f"scores {metrics['objective/scores']:+.3f}  rlhf_reward {metrics['objective/rlhf_reward']:+.3f}  "
+          f"kl {metrics['objective/kl']:.3f}  clipfrac {metrics['policy/clipfrac_avg']:.3f}  "
+          f"{metrics['time/update']:.2f}s", flush=True)
+    every, samples = max(1, args.num_updates // max(1, args.num_sample_generations)), []
+    if update == 1 or update % every == 0 or update == args.num_updates:
+        queries, responses, response_mask, scores = completions
+        samples = [(tokenizer.decode(queries[i], skip_special_tokens=True)[-60:], tokenizer.decode(
+            responses[i][response_mask[i]]), round(scores[i].item(), 3)) for i in range(min(4, len(queries)))]
+    for query_text, response_text, score in samples:
+        print(f"    {score:+7.3f} | ...{query_text!r} -> {response_text!r}")
+    if wandb:
+        if samples:
+            metrics["samples"] = wandb.Table(columns=["query", "response", "score"], data=samples)
+        wandb.log(metrics, step=update)
+
+
+if __name__ == "__main__":  # a foreseeable mistake exits with one line; a bug keeps its traceback, to show its line
     main(parse_args())

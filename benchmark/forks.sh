@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# README "Fork it": each diff in benchmark/forks/ applied to a copy of its script (the patch fails loudly if the seam
-# it edits has moved), and the rule reward of benchmark/forks/rule_reward.py given as --reward-fn, each trained on the
+# README "Fork it": each diff in benchmark/forks/ (made against a core) applied to a copy of its full script (the
+# patch fails loudly if the seam it edits has moved), and the rule reward of benchmark/forks/rule_reward.py given as --reward-fn, each trained on the
 # tiny world over $SEEDS at the tiny preset's settings; then one table with the gold win rate beside the unforked
 # scripts' runs of benchmark/tiny.sh (the same settings, in $BASELINE).
 #   bash benchmark/forks.sh                  # about 15 minutes on 2 CPU cores (after benchmark/tiny.sh)
@@ -15,10 +15,12 @@ BASELINE=${BASELINE:-runs/tiny}
 dirs=()
 for diff in benchmark/forks/*.diff; do
   name=$(basename "$diff" .diff)
+  # Made against the core, the diff trains here on the full script (its runs resume): the same lines, insertions aside.
   script=$(sed -n 's|^--- a/||p' "$diff" | head -n 1)
+  script=${script%.py}_full.py
   run mkdir -p "$RUNS/src/$name"
   run cp "$script" "$RUNS/src/$name/$script"
-  run patch --forward --quiet --reject-file=- -p1 -d "$RUNS/src/$name" -i "$PWD/$diff"
+  run patch --forward --quiet --reject-file=- "$RUNS/src/$name/$script" "$diff"
   for seed in $SEEDS; do
     dirs+=("$RUNS/${name}_$seed")
     # The fork imports the project's modules (tiny_world) from here.
@@ -29,8 +31,9 @@ done
 # A rule in place of the reward model needs no diff: the script takes it as --reward-fn.
 for seed in $SEEDS; do
   dirs+=("$RUNS/rule_reward_$seed")
-  train "$RUNS/rule_reward_$seed" "$PYTHON" rloo.py --exp-name rule_reward --seed "$seed" --total-episodes "$EPISODES" \
-    --num-sample-generations 0 --reward-fn benchmark/forks/rule_reward.py:rule_reward --reward-model-path none
+  train "$RUNS/rule_reward_$seed" "$PYTHON" rloo_full.py --exp-name rule_reward --seed "$seed" \
+    --total-episodes "$EPISODES" --num-sample-generations 0 --reward-fn benchmark/forks/rule_reward.py:rule_reward \
+    --reward-model-path none
 done
 for seed in $SEEDS; do dirs+=("$BASELINE/rloo_k4_$seed" "$BASELINE/ppo_$seed"); done
 run "$PYTHON" benchmark/compare_runs.py "${dirs[@]}" --gold --sft-baseline --output "$RESULTS/forks.md" \

@@ -14,24 +14,36 @@ run() {
 }
 
 # train DIR COMMAND...: COMMAND --output-dir DIR, unless DIR holds a run that COMMAND finished already: a rerun
-# resumes the benchmark, a run cut short is started again from scratch, and a run made by another command (other
-# EPISODES, other flags) is refused rather than mixed into the table.
+# resumes the benchmark. A run of COMMAND cut short (preempted, killed) goes on from its newest checkpoint with
+# --resume (so COMMAND must take it: rloo_full.py, ppo_full.py) rather than losing days of training; a run made by
+# another command (other EPISODES, other flags) is refused rather than mixed into the table.
 train() {
   local dir=$1
   shift
-  local command
+  local command record
   command=$(printf '%q ' "$@")
-  if [ -f "$dir/FINISHED" ]; then
-    if [ "$(cat "$dir/FINISHED")" != "$command" ]; then
-      echo "error: $dir was made by another command ($(cat "$dir/FINISHED")); remove it or set RUNS" >&2
+  # The command is recorded in DIR.COMMAND before it starts, not in DIR: the scripts refuse to start or resume in a
+  # directory that holds anything but their own run. Once the command has exited 0 the record becomes DIR/FINISHED.
+  for record in "$dir/FINISHED" "$dir.COMMAND"; do
+    if [ -f "$record" ] && [ "$(cat "$record")" != "$command" ]; then
+      echo "error: $dir was made by another command ($record: $(cat "$record")); remove it or set RUNS" >&2
       exit 1
     fi
+  done
+  if [ -f "$dir/FINISHED" ]; then
     echo "skip $dir (finished)"
     return
   fi
-  run rm -rf "$dir"
-  run "$@" --output-dir "$dir"
-  if [ "${DRY_RUN:-0}" != 1 ]; then echo "$command" >"$dir/FINISHED"; fi  # only once the command has exited 0
+  local resume=()
+  if [ -f "$dir.COMMAND" ]; then
+    resume=(--resume)  # (a run cut short before its first checkpoint starts again from the beginning)
+  elif [ -e "$dir" ]; then  # e.g. cut short before train() kept records: which command made it is unknown
+    echo "error: $dir holds a run without $dir.COMMAND, the command that made it; remove it or set RUNS" >&2
+    exit 1
+  fi
+  if [ "${DRY_RUN:-0}" != 1 ]; then mkdir -p "$(dirname "$dir")" && echo "$command" >"$dir.COMMAND"; fi
+  run "$@" --output-dir "$dir" ${resume[@]+"${resume[@]}"} || exit  # (cut short: no FINISHED, a rerun resumes)
+  if [ "${DRY_RUN:-0}" != 1 ]; then mv "$dir.COMMAND" "$dir/FINISHED"; fi
 }
 
 # judge_and_summarise RUN_DIR...: the LLM judge (benchmark/judge.py) on every run's policy, then one table.

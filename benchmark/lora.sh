@@ -19,8 +19,8 @@ PPO_LRS=${PPO_LRS:-1e-3 3e-3 1e-2}  # (PPO's runs take 3x longer: the rates RLOO
 # one SCRIPT TAG SEED FLAGS...: a run of SCRIPT with FLAGS in $RUNS/SCRIPT_TAG_SEED, named SCRIPT_full or SCRIPT_lora
 one() {
   dirs+=("$RUNS/${1}_${2}_$3")
-  train "$RUNS/${1}_${2}_$3" "$PYTHON" "$1.py" --exp-name "${1}_${2%%_*}" --seed "$3" --total-episodes "$EPISODES" \
-    --num-sample-generations 0 "${@:4}"
+  train "$RUNS/${1}_${2}_$3" "$PYTHON" "${1}_full.py" --exp-name "${1}_${2%%_*}" --seed "$3" \
+    --total-episodes "$EPISODES" --num-sample-generations 0 "${@:4}"
 }
 
 # best_lr TABLE_JSON RATE...: of the RATEs, the one whose LoRA run has the best gold win rate in compare_runs.py's JSON

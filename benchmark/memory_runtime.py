@@ -98,7 +98,7 @@ def build_models(size: str, root: str) -> dict:
 
 
 def measure(script: str, paths: dict, dataset: str, args: Args, output_dir: str, lora_r: int = 0) -> dict:
-    rloo = script == "rloo.py"
+    rloo = script.startswith("rloo")
     flags = ["--sft-model-path", paths["sft_model_path"], "--reward-model-path", paths["reward_model_path"],
              "--dataset-name", dataset, "--output-dir", output_dir, "--dtype", args.dtype,
              "--total-episodes", str(args.updates * args.batch_size), "--per-device-train-batch-size",
@@ -176,7 +176,7 @@ def main(args: Args) -> None:
         for size in args.sizes:
             paths = build_models(size, cache)
             for lora_r in args.lora_r:
-                for script in ("rloo.py", "ppo.py"):
+                for script in ("rloo_full.py", "ppo_full.py"):  # (the phase timings, gradient checkpointing, LoRA)
                     row = {"size": size, "script": script, "lora_r": lora_r,
                            **measure(script, paths, world["dataset_name"], args,
                                      os.path.join(scratch, f"{size}-{script}-{lora_r}"), lora_r)}
@@ -197,9 +197,10 @@ def main(args: Args) -> None:
         if "failed" in row:
             lines.append(f"| pythia-{row['size']} | {label(row)} | failed: {row['failed'][:80]} |" + " |" * 11)
             continue
-        rloo = next(r for r in rows if (r["size"], r["lora_r"], r["script"]) == (row["size"], row["lora_r"], "rloo.py"))
+        rloo = next(r for r in rows
+                    if (r["size"], r["lora_r"], r["script"]) == (row["size"], row["lora_r"], "rloo_full.py"))
         ratios = (f"{row['s_per_update'] / rloo['s_per_update']:.2f}x | {row['peak_gb'] / rloo['peak_gb']:.2f}x"
-                  if row["script"] == "ppo.py" and "failed" not in rloo else " | ")
+                  if row["script"] == "ppo_full.py" and "failed" not in rloo else " | ")
         phases = " | ".join(f"{row[f'{phase}_s']:.3f}" for phase in PHASES)
         lines.append(f"| pythia-{row['size']} | {label(row)} | {row['s_per_update']:.2f} | {phases} | "
                      f"{row['peak_gb']:.2f} | {row['held_m']:.2f} | {row['trained_m']:.2f} "

@@ -38,7 +38,7 @@ one() {
   local dir="$RUNS/${1}_${2}_${3}_$4"
   dirs+=("$dir")
   # shellcheck disable=SC2046  # the source's flags are a list
-  train "$dir" "$PYTHON" "$1.py" --exp-name "${1}_$2" --seed "$4" --total-episodes "$EPISODES" \
+  train "$dir" "$PYTHON" "${1}_full.py" --exp-name "${1}_$2" --seed "$4" --total-episodes "$EPISODES" \
     --num-sample-generations 0 $(source_flags "$2") --rollout-correction "$3"
 }
 

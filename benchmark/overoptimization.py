@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import tiny_world  # noqa: E402
-from rloo import response_logprobs, reward_scores, sample  # noqa: E402 (the scripts' own sampler and readers)
+from rloo import policy_forward, reward_scores, sample  # noqa: E402 (the scripts' own sampler and readers)
 
 
 @dataclass
@@ -57,8 +57,8 @@ def measure(policy, ref_policy, reward_model, tokenizer, prompts, temperature, r
         queries = torch.tensor([[pad_id] * (width - len(row)) + row for row in ids])
         responses, mask, _ = sample(policy, queries, pad_id, eos_id, response_length, temperature)
         query_responses, attention_mask = torch.cat([queries, responses], 1), torch.cat([queries != pad_id, mask], 1)
-        logprobs = response_logprobs(policy, query_responses, attention_mask, width, temperature)
-        ref_logprobs = response_logprobs(ref_policy, query_responses, attention_mask, width, temperature)
+        logprobs = policy_forward(policy, query_responses, attention_mask, width, temperature).logprobs
+        ref_logprobs = policy_forward(ref_policy, query_responses, attention_mask, width, temperature).logprobs
         kl += ((logprobs - ref_logprobs) * mask).sum(1).tolist()
         proxy += reward_scores(reward_model, query_responses, attention_mask, width + mask.sum(1) - 1).tolist()
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)

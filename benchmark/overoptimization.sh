@@ -22,14 +22,14 @@ common=(--seed "$SEED" --total-episodes $((UPDATES * 64)) --save-every "$EVERY" 
 dirs=()
 for kl in $RLOO_KL; do
   dirs+=("$RUNS/rloo_kl${kl}_$SEED")
-  train "$RUNS/rloo_kl${kl}_$SEED" "$PYTHON" rloo.py --kl-coef "$kl" "${common[@]}"
+  train "$RUNS/rloo_kl${kl}_$SEED" "$PYTHON" rloo_full.py --kl-coef "$kl" "${common[@]}"
 done
 dirs+=("$RUNS/rloo_gold_$SEED")
-train "$RUNS/rloo_gold_$SEED" "$PYTHON" rloo.py --reward-fn tiny_world:gold_reward --reward-model-path none \
+train "$RUNS/rloo_gold_$SEED" "$PYTHON" rloo_full.py --reward-fn tiny_world:gold_reward --reward-model-path none \
   "${common[@]}"
 for kl in $PPO_KL; do
   dirs+=("$RUNS/ppo_kl${kl}_$SEED")
-  train "$RUNS/ppo_kl${kl}_$SEED" "$PYTHON" ppo.py --kl-coef "$kl" "${common[@]}"
+  train "$RUNS/ppo_kl${kl}_$SEED" "$PYTHON" ppo_full.py --kl-coef "$kl" "${common[@]}"
 done
 run "$PYTHON" benchmark/overoptimization.py "${dirs[@]}" --output "$RESULTS/overoptimization" \
   --command "UPDATES=$UPDATES EVERY=$EVERY RLOO_KL='$RLOO_KL' PPO_KL='$PPO_KL' SEED=$SEED bash benchmark/overoptimization.sh"

@@ -34,7 +34,7 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rloo import PRESETS, forward, logprobs_from_logits, ratio_diagnostics, response_logprobs, sample  # noqa: E402
+from rloo import PRESETS, TokenLogprob, forward, policy_forward, ratio_diagnostics, sample  # noqa: E402
 
 Precision = Literal["fp32", "bf16-autocast", "bf16-weights", "fp16-autocast", "fp16-weights"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,7 +104,8 @@ def logprob_sources(policy, precision, queries, pad_id, stop_id, settings, seed)
             attention_mask = torch.cat([query != pad_id, response_mask], 1)
             query_response = torch.cat([query, response], 1)
             out["generate"].append(generated)
-            out["forward"].append(response_logprobs(model, query_response, attention_mask, context_length, temperature))
+            out["forward"].append(
+                policy_forward(model, query_response, attention_mask, context_length, temperature).logprobs)
             # (c): the same hidden states through the output layer in the precision and in fp32; then the same
             # tempered logits through a log-softmax in the precision (what log_softmax(bf16 logits) does) and in fp32.
             backbone = getattr(model, model.base_model_prefix)
@@ -117,17 +118,19 @@ def logprob_sources(policy, precision, queries, pad_id, stop_id, settings, seed)
                 tempered = (low_logits.float() / temperature).to(dtype)
                 for name, logits in (("low_log_softmax", tempered), ("fp32_log_softmax", tempered.float())):
                     out[name].append(torch.log_softmax(logits, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1).float())
-            out["low_head"].append(logprobs_from_logits(low_logits, response, temperature))
-            out["fp32_head"].append(logprobs_from_logits(fp32_logits, response, temperature))
+            out["low_head"].append(TokenLogprob.apply(low_logits, response, temperature))
+            out["fp32_head"].append(TokenLogprob.apply(fp32_logits, response, temperature))
         with torch.no_grad():
-            out["fp32_policy"].append(response_logprobs(policy, query_response, attention_mask, context_length, temperature))
+            out["fp32_policy"].append(
+                policy_forward(policy, query_response, attention_mask, context_length, temperature).logprobs)
         # (b): every sequence alone, without any padding.
         alone = torch.zeros(len(query), response_length, device=query.device)
         for row in range(len(query)):
             ids = query_response[row][attention_mask[row]].unsqueeze(0)
             own_context = int((query[row] != pad_id).sum())
             with torch.no_grad(), low():
-                lp = response_logprobs(model, ids, torch.ones_like(ids, dtype=torch.bool), own_context, temperature)
+                lp = policy_forward(model, ids, torch.ones_like(ids, dtype=torch.bool), own_context,
+                                    temperature).logprobs
             alone[row, : lp.shape[1]] = lp[0]
         out["alone"].append(alone)
         out["query_response"].append(query_response)
@@ -140,8 +143,8 @@ def logprob_sources(policy, precision, queries, pad_id, stop_id, settings, seed)
     for start in range(0, len(queries), settings["train_batch_size"]):
         idx = order[start : start + settings["train_batch_size"]]
         with low():
-            out["train"][idx] = response_logprobs(model, out["query_response"][idx], out["attention_mask"][idx],
-                                                  context_length, temperature).detach()
+            out["train"][idx] = policy_forward(model, out["query_response"][idx], out["attention_mask"][idx],
+                                                  context_length, temperature).logprobs.detach()
     return out
 
 

@@ -5,7 +5,7 @@
 #      $DTYPE with each --old-logprobs source, over $SEEDS;
 #   3. benchmark/compare_runs.py: one table of clipped data, KL, reward and gold win rate.
 # On 2 CPU cores with the defaults: about 8 minutes. Finished runs are kept and skipped, so a rerun resumes;
-# an unfinished one is started again. PYTHON picks the interpreter (e.g. PYTHON=.venv/bin/python).
+# an unfinished one goes on from its newest checkpoint. PYTHON picks the interpreter (e.g. PYTHON=.venv/bin/python).
 #   bash benchmark/ratio_study.sh                         # tiny world, bf16 autocast on the CPU
 #   MODEL=pythia-1b SEEDS=1 EPISODES=64000 bash benchmark/ratio_study.sh   # on a GPU, the real checkpoints
 #   DRY_RUN=1 bash benchmark/ratio_study.sh               # print the commands only
@@ -30,7 +30,7 @@ for seed in $SEEDS; do
       dir="$RUNS/${name}_${source}_$seed"
       dirs+=("$dir")
       # shellcheck disable=SC2086  # $flags is a list of flags
-      train "$dir" "$PYTHON" "${name%_2x2}.py" --model "$MODEL" --dtype "$DTYPE" --old-logprobs "$source" \
+      train "$dir" "$PYTHON" "${name%_2x2}_full.py" --model "$MODEL" --dtype "$DTYPE" --old-logprobs "$source" \
         --seed "$seed" --total-episodes "$EPISODES" --num-sample-generations 0 $flags
     done
   done

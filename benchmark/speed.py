@@ -85,7 +85,7 @@ def main(args: Args) -> None:
                                            num_ppo_epochs=epochs, num_mini_batches=args.num_mini_batches,
                                            gradient_accumulation_steps=args.gradient_accumulation_steps)
             for name in ("rloo", "ppo"):
-                ours = memory_runtime.measure(f"{name}.py", paths, world["dataset_name"], settings,
+                ours = memory_runtime.measure(f"{name}_full.py", paths, world["dataset_name"], settings,
                                               os.path.join(scratch, f"{name}-{epochs}"))
                 trl = (measure_trl(args.trl_python, name, paths, world["dataset_name"], settings, scratch)
                        if args.trl_python else {})

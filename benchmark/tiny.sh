@@ -12,7 +12,7 @@ source benchmark/lib.sh
 tiny_defaults
 RUNS=${RUNS:-runs/tiny}
 
-configs=("rloo_k2 rloo.py --rloo-k 2" "rloo_k4 rloo.py --rloo-k 4" "ppo ppo.py")
+configs=("rloo_k2 rloo_full.py --rloo-k 2" "rloo_k4 rloo_full.py --rloo-k 4" "ppo ppo_full.py")
 dirs=()
 for seed in $SEEDS; do
   for config in "${configs[@]}"; do

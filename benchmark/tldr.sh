@@ -72,7 +72,8 @@ module, extra, models = __import__(sys.argv[1]), sys.argv[2].split(), sys.argv[3
 for model in models:
     args = module.parse_args(["--model", model, *extra])
     print(model, args.per_device_train_batch_size, args.num_mini_batches)
-' "$ALGO" "$EXTRA_FLAGS" $MODELS) || fail "could not read $ALGO.py's presets with PYTHON=$PYTHON (see above)"
+' "${ALGO}_full" "$EXTRA_FLAGS" $MODELS) ||
+  fail "could not read ${ALGO}_full.py's presets with PYTHON=$PYTHON (see above)"
 declare -A accumulation
 while read -r model per_device minibatches; do
   [ -n "$model" ] || continue
@@ -106,7 +107,7 @@ for model in $MODELS; do
       if [ "$k" != one ]; then name+=_k$k k_flags=(--rloo-k "$k"); fi
       dirs+=("$RUNS/${name}_$seed")
       # shellcheck disable=SC2086  # EXTRA_FLAGS is a list of words
-      train "$RUNS/${name}_$seed" "${launcher[@]}" "$ALGO.py" --model "$model" ${k_flags[@]+"${k_flags[@]}"} \
+      train "$RUNS/${name}_$seed" "${launcher[@]}" "${ALGO}_full.py" --model "$model" ${k_flags[@]+"${k_flags[@]}"} \
         --seed "$seed" --gradient-accumulation-steps "${accumulation[$model]}" $EXTRA_FLAGS
     done
   done

@@ -28,6 +28,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -270,12 +271,12 @@ def rows(tensor, mask=None):
 # ----------------------------------------------------------------------------------------------
 
 
-def run_ours(world, case, output):
+def run_ours(world, case, output, full_script=False):
     import torch
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     sys.path.insert(0, ROOT)
-    module = importlib.import_module(case["script"])
+    module = importlib.import_module(case["script"] + ("_full" if full_script else ""))  # a core, or its full script
     rloo = case["script"] == "rloo"
     batch = case["per_device"] * case["accumulation"] * case["minibatches"]
     recorder = Recorder(world, batch, case.get("completions", "completions"))
@@ -328,7 +329,7 @@ def run_ours(world, case, output):
 
     flags = ["--sft-model-path", world["paths"]["sft"], "--reward-model-path", world["paths"]["reward"],
              "--dataset-name", world["paths"]["prompts"], "--output-dir", os.path.join(output + ".run"),
-             "--overwrite", "--dtype", "fp32", "--seed", "1", "--response-length", str(RESPONSE_LENGTH),
+             "--dtype", "fp32", "--seed", "1", "--response-length", str(RESPONSE_LENGTH),
              "--temperature", str(TEMPERATURE), "--stop-token", "eos",
              "--missing-eos-penalty", str(MISSING_EOS_PENALTY),
              "--kl-coef", str(KL_COEF), "--cliprange", str(CLIPRANGE), "--num-ppo-epochs", str(case["epochs"]),
@@ -336,10 +337,10 @@ def run_ours(world, case, output):
              "--gradient-accumulation-steps", str(case["accumulation"]), "--local-rollout-forward-batch-size",
              str(case["rollout_chunk"]), "--total-episodes", str(case["updates"] * batch), "--learning-rate",
              str(case["lr"] * SIZES[world["size"]][4]), "--max-grad-norm", "1e30", "--max-prompt-length", "64",
-             "--save-every", "1000",
              *(["--rloo-k", "2"] if rloo else ["--vf-coef", "0.1", "--cliprange-value", "0.2", "--gamma", "1.0",
                                                "--lam", "0.95"])]
     args = module.parse_args(flags)
+    shutil.rmtree(output + ".run", ignore_errors=True)  # (a run of an earlier call)
     hook = register_optimizer_step_pre_hook(recorder.optimizer_step)
     module.sample, torch.randperm, torch.optim.AdamW = fixed_sample, fixed_randperm, SGD
     try:
@@ -626,11 +627,15 @@ def main(argv=None):
     parser.add_argument("--world", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--full-script", action="store_true", help=argparse.SUPPRESS)  # ours: rloo_full.py, ppo_full.py
     args = parser.parse_args(argv)
     if args.side:
         with open(os.path.join(args.world, "world.json")) as f:
             world = json.load(f)
-        (run_ours if args.side == "ours" else run_trl)(world, CASES[args.case], args.result)
+        if args.side == "ours":
+            run_ours(world, CASES[args.case], args.result, args.full_script)
+        else:
+            run_trl(world, CASES[args.case], args.result)
         return
     if not args.trl_python:
         parser.error("--trl-python is required (a venv with trl==0.21.0; see benchmark/trl_baseline.py)")

@@ -38,8 +38,31 @@ def assert_one_line_error(result, message):
     assert message in result.stderr.strip().splitlines()[-1]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", help="the whole suite: also the tests marked slow (as CI runs it)")
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test that trains for a minute or more (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: in the whole suite only (python -m pytest --full): the full scripts' "
+                                       "features, the benchmarks, and every run that is not a core's quick check")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--full"):
+        skip = pytest.mark.skip(reason="in the whole suite only: python -m pytest --full")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+
+
+def refused(module, flags):
+    """The one-line message with which `module`'s main() refuses these flags (parsed as the command line would be),
+    run in this process: a foreseeable mistake must exit before anything is written."""
+    with pytest.raises(SystemExit) as exited:
+        module.main(module.parse_args(flags))
+    message = str(exited.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
 
 
 def read_metrics(output_dir):

@@ -1,4 +1,4 @@
-"""Runs rloo.py or ppo.py (as `torchrun ... distributed_probe.py SCRIPT RECORD_DIR FLAGS...`) and records, for each
+"""Runs rloo.py, ppo.py or their full scripts (as `torchrun ... distributed_probe.py SCRIPT RECORD_DIR FLAGS...`) and records, for each
 process, what a data-parallel run must agree on; used by tests/test_distributed.py.
 
 - After every optimizer step: the gradient norm before clipping and a checksum of the parameters (under DeepSpeed
@@ -99,8 +99,9 @@ else:
 
 module = __import__(script)
 module.sample = functools.partial(sample_each_alone, module.sample)
-for stop_signal in (signal.SIGINT, signal.SIGTERM):  # as the script does when it runs as a program
-    signal.signal(stop_signal, module.stop_after_this_update)
+for stop_signal in (signal.SIGINT, signal.SIGTERM):  # as the full script does when it runs as a program
+    if hasattr(module, "stop_after_this_update"):
+        signal.signal(stop_signal, module.stop_after_this_update)
 module.main(module.parse_args(flags))
 os.makedirs(record_dir, exist_ok=True)
 with open(os.path.join(record_dir, f"rank{rank}.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""Data parallel on 2 CPU processes (gloo), the way `accelerate launch` runs rloo.py and ppo.py on many GPUs:
+"""Data parallel on 2 CPU processes (gloo), the way `accelerate launch` runs the scripts on many GPUs:
 the run finishes, every process holds the same policy after every update, metrics and episode counts are
 global, leave-one-out groups stay on one process, and 2 processes with B completions each compute the same
 update as 1 process with 2B (tests/distributed_probe.py makes sampling independent of the batch layout)."""
@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 PROBE = os.path.join(ROOT, "tests", "distributed_probe.py")
+pytestmark = pytest.mark.slow  # (the whole suite: python -m pytest --full)
 
 
 def free_port():
@@ -69,10 +70,10 @@ def assert_same_update(one, two, names):
         assert two[name] == pytest.approx(one[name], rel=1e-5, abs=1e-6), name
 
 
-@pytest.mark.parametrize("script", ["rloo", "ppo"])
+@pytest.mark.parametrize("script", ["rloo", "ppo"])  # the cores
 def test_two_processes_compute_the_update_of_one_process_with_twice_the_batch(tmp_path, script):
     common = ["--total-episodes", "64", "--gradient-accumulation-steps", "2", "--local-rollout-forward-batch-size", "8",
-              *(["--rloo-k", "2"] if script == "rloo" else [])]
+              *(["--rloo-k", "2"] if script.startswith("rloo") else [])]
     one_metrics, (one,) = run(script, tmp_path, "one", 1, *common, "--per-device-train-batch-size", "16")
     two_metrics, (rank0, rank1) = run(script, tmp_path, "two", 2, *common, "--per-device-train-batch-size", "8")
 
@@ -85,7 +86,7 @@ def test_two_processes_compute_the_update_of_one_process_with_twice_the_batch(tm
     # over all processes, are the same. (val/num_eos_tokens is the main process's own count, as TRL logs it.)
     assert_same_update(one_metrics[0], two_metrics[0], ["objective/scores", "objective/rlhf_reward", "objective/kl",
                                                          "objective/entropy", "objective/entropy_no_padding"])
-    if script == "rloo":
+    if script.startswith("rloo"):
         # RLOO's loss is a plain mean over completions, so the gradient averaged over processes is the gradient of
         # the whole batch. (PPO's is a mean over each micro-batch's tokens and its advantages are whitened over
         # each process's completions: with other micro-batches its gradient legitimately differs.)
@@ -95,7 +96,7 @@ def test_two_processes_compute_the_update_of_one_process_with_twice_the_batch(tm
     first_update = Counter(rank0["prompts"][:per_process]) + Counter(rank1["prompts"][:per_process])
     assert first_update == Counter(one["prompts"][: 2 * per_process])
     assert not set(rank0["prompts"][:per_process]) & set(rank1["prompts"][:per_process])  # each its own prompts
-    if script == "rloo":  # the k = 2 completions of a prompt are on one process: its leave-one-out group is local
+    if script.startswith("rloo"):  # the k = 2 completions of a prompt are on one process: its leave-one-out group is local
         assert set(Counter(rank0["prompts"][:per_process]).values()) == {2}
     AutoModelForCausalLM.from_pretrained(tmp_path / "two")  # saved once, loadable
 
@@ -111,7 +112,7 @@ def data_parallel_runs(tmp_path_factory):
 
     def get(script):
         if script not in runs:
-            flags = [*TWO_PROCESS_FLAGS, *(["--rloo-k", "2"] if script == "rloo" else [])]
+            flags = [*TWO_PROCESS_FLAGS, *(["--rloo-k", "2"] if script.startswith("rloo") else [])]
             directory = tmp_path_factory.mktemp(script)
             runs[script] = (*run(script, directory, "ddp", 2, *flags), flags, directory / "ddp")
         return runs[script]
@@ -119,8 +120,8 @@ def data_parallel_runs(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("script,zero_config", [("rloo", "zero2.yaml"), ("rloo", "zero3.yaml"), ("ppo", "zero2.yaml"),
-                                                ("ppo", "zero3.yaml")])
+@pytest.mark.parametrize("script,zero_config", [("rloo_full", "zero2.yaml"), ("rloo_full", "zero3.yaml"),
+                                                ("ppo_full", "zero2.yaml"), ("ppo_full", "zero3.yaml")])
 def test_deepspeed_zero_computes_the_data_parallel_update(tmp_path, data_parallel_runs, script, zero_config):
     """`accelerate launch --config_file benchmark/zero{2,3}.yaml` on 2 CPU processes: sharded weights (ZeRO-3),
     gradients and optimizer states, the policy gathered for generation, the frozen models as DeepSpeed engines and
@@ -153,12 +154,12 @@ def test_deepspeed_zero_computes_the_data_parallel_update(tmp_path, data_paralle
     assert (zero_weights - ddp_weights).norm() < 1e-2 * (ddp_weights - sft_weights).norm()
 
 
-@pytest.mark.parametrize("script", ["rloo", "ppo"])
+@pytest.mark.parametrize("script", ["rloo_full", "ppo_full"])
 def test_deepspeed_zero3_holds_every_model_in_bf16_and_starts_at_kl_0(tmp_path, script):
     """--dtype bf16 under ZeRO-3: bf16 weights (what the saved policy holds), the reference and reward models
     held the same way, so the KL is exactly 0 and the first minibatch's ratio exactly 1."""
     pytest.importorskip("deepspeed")
-    flags = [*TWO_PROCESS_FLAGS, "--dtype", "bf16", *(["--rloo-k", "2"] if script == "rloo" else [])]
+    flags = [*TWO_PROCESS_FLAGS, "--dtype", "bf16", *(["--rloo-k", "2"] if script.startswith("rloo") else [])]
     metrics, (rank0, rank1) = run(script, tmp_path, "zero", 2, *flags, zero_config="zero3.yaml")
     assert rank0["checksums"] == rank1["checksums"]
     assert metrics[0]["objective/kl"] == 0.0 and metrics[0]["diag/ratio_token_min"] == 1.0
@@ -166,7 +167,7 @@ def test_deepspeed_zero3_holds_every_model_in_bf16_and_starts_at_kl_0(tmp_path, 
     assert {w.dtype for w in load_file(tmp_path / "zero" / "model.safetensors").values()} == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("script,zero_config", [("rloo", "zero3.yaml"), ("ppo", None)])
+@pytest.mark.parametrize("script,zero_config", [("rloo_full", "zero3.yaml"), ("ppo_full", None)])
 def test_a_preempted_two_process_run_resumes_bitwise(tmp_path, script, zero_config):
     """SIGTERM to the launcher of a 2-process run (ZeRO-3, or plain data parallel): every process finishes the
     update, they save one checkpoint together (under ZeRO-3, sharded), and --resume (each process's state and RNG
@@ -174,7 +175,7 @@ def test_a_preempted_two_process_run_resumes_bitwise(tmp_path, script, zero_conf
     if zero_config:
         pytest.importorskip("deepspeed")
     flags = [*TWO_PROCESS_FLAGS, "--total-episodes", str(32 * 6), "--save-every",
-             "100", *(["--rloo-k", "2"] if script == "rloo" else [])]
+             "100", *(["--rloo-k", "2"] if script.startswith("rloo") else [])]
     run(script, tmp_path, "uninterrupted", 2, *flags, zero_config=zero_config)
     log = run(script, tmp_path, "preempted", 2, *flags, zero_config=zero_config, preempt_after="update 2/")
     stopped_after = len(read_metrics(tmp_path / "preempted"))
@@ -185,8 +186,9 @@ def test_a_preempted_two_process_run_resumes_bitwise(tmp_path, script, zero_conf
     assert_same_run(tmp_path / "uninterrupted", tmp_path / "preempted")
 
 
-@pytest.mark.parametrize("script,processes,zero_config", [("rloo", 1, None), ("ppo", 1, None), ("rloo", 2, None),
-                                                          ("rloo", 2, "zero3.yaml"), ("ppo", 2, "zero3.yaml")])
+@pytest.mark.parametrize("script,processes,zero_config", [("rloo_full", 1, None), ("ppo_full", 1, None),
+                                                          ("rloo_full", 2, None),
+                                                          ("rloo_full", 2, "zero3.yaml"), ("ppo_full", 2, "zero3.yaml")])
 def test_training_on_the_rollout_forward_computes_the_update_of_a_separate_forward(tmp_path, script, processes,
                                                                                    zero_config):
     """With one micro-batch per step, one step per epoch and the rollout in one chunk, the rollout's policy forward
@@ -197,7 +199,7 @@ def test_training_on_the_rollout_forward_computes_the_update_of_a_separate_forwa
     if zero_config:
         pytest.importorskip("deepspeed")
     flags = ["--total-episodes", str(32 * processes), "--per-device-train-batch-size", "16", "--gradient-accumulation-steps",
-             "1", "--num-ppo-epochs", "2", *(["--rloo-k", "2"] if script == "rloo" else [])]
+             "1", "--num-ppo-epochs", "2", *(["--rloo-k", "2"] if script.startswith("rloo") else [])]
     kept_metrics, (kept, *_) = run(script, tmp_path, "kept", processes, *flags, "--local-rollout-forward-batch-size",
                                    "16", *(["--gradient-checkpointing"] if zero_config else []), zero_config=zero_config)
     separate_metrics, (separate, *_) = run(script, tmp_path, "separate", processes, *flags,
@@ -211,7 +213,7 @@ def test_training_on_the_rollout_forward_computes_the_update_of_a_separate_forwa
             assert kept_update[name] == pytest.approx(separate_update[name], rel=1e-4, abs=1e-6), name
 
 
-@pytest.mark.parametrize("script,zero_config", [("rloo", None), ("ppo", "zero2.yaml")])
+@pytest.mark.parametrize("script,zero_config", [("rloo_full", None), ("ppo_full", "zero2.yaml")])
 def test_lora_on_two_processes_computes_what_one_process_computes(tmp_path, script, zero_config):
     """LoRA under data parallel (RLOO) and DeepSpeed ZeRO-2 (PPO): the processes start from the same adapters (the
     engine takes the main process's randomly drawn A), hold the same ones after every step, and sample and score
@@ -219,7 +221,7 @@ def test_lora_on_two_processes_computes_what_one_process_computes(tmp_path, scri
     if zero_config:
         pytest.importorskip("deepspeed")
     common = ["--total-episodes", "64", "--gradient-accumulation-steps", "2", "--local-rollout-forward-batch-size", "8",
-              "--lora-r", "4", *(["--rloo-k", "2"] if script == "rloo" else [])]
+              "--lora-r", "4", *(["--rloo-k", "2"] if script.startswith("rloo") else [])]
     one_metrics, (one,) = run(script, tmp_path, "one", 1, *common, "--per-device-train-batch-size", "16")
     two_metrics, (rank0, rank1) = run(script, tmp_path, "two", 2, *common, "--per-device-train-batch-size", "8",
                                       zero_config=zero_config)
@@ -227,7 +229,7 @@ def test_lora_on_two_processes_computes_what_one_process_computes(tmp_path, scri
     assert two_metrics[0]["objective/kl"] == 0.0
     assert_same_update(one_metrics[0], two_metrics[0],
                        ["objective/scores", "objective/rlhf_reward", "objective/entropy"])
-    if script == "rloo":  # (see the test above: PPO's gradient legitimately differs with the micro-batches)
+    if script.startswith("rloo"):  # (see the test above: PPO's gradient legitimately differs with the micro-batches)
         assert_same_update(one_metrics[0], two_metrics[0], ["loss/policy_avg"])
         assert rank0["grad_norms"][0] == pytest.approx(one["grad_norms"][0], rel=1e-4)
         assert rank0["checksums"][0] == pytest.approx(one["checksums"][0], rel=1e-6)
@@ -235,7 +237,7 @@ def test_lora_on_two_processes_computes_what_one_process_computes(tmp_path, scri
 
 def test_lora_under_zero3_is_refused_with_one_line(tmp_path):
     pytest.importorskip("deepspeed")
-    log = run("rloo", tmp_path, "zero3", 2, *TWO_PROCESS_FLAGS, "--rloo-k", "2", "--lora-r", "4",
+    log = run("rloo_full", tmp_path, "zero3", 2, *TWO_PROCESS_FLAGS, "--rloo-k", "2", "--lora-r", "4",
               zero_config="zero3.yaml", refused=True)
     # each process's one line (the launcher then reports its failed children with a traceback of its own)
     assert log.count("error: --lora-r is not supported under ZeRO-3") == 2 and 'rloo.py", line' not in log

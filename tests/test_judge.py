@@ -125,6 +125,7 @@ def test_a_missing_key_is_refused_by_the_server_and_reported(fake_judge, tmp_pat
     assert record["verdict"] is None and "401" in record["error"] and record["attempts"] == 1  # no retry on 4xx
 
 
+@pytest.mark.slow
 def test_judge_command_generates_judges_and_reports_on_the_tiny_policy(fake_judge, tmp_path):
     # The policy's summaries carry no marker, so the fake judge prefers whichever summary it is shown first:
     # the win rate must equal the share of prompts where the policy's summary was shown first.
@@ -146,6 +147,7 @@ def test_judge_command_generates_judges_and_reports_on_the_tiny_policy(fake_judg
     assert sorted(j["id"] for j in judgements) == sorted(s["id"] for s in summaries)
 
 
+@pytest.mark.slow
 def test_judge_command_on_the_pythia_code_path_resumes_and_refuses_other_settings(fake_judge, pythia_like, tmp_path):
     # Pythia's tokenizer has no pad token and EOS id 0; the dataset has the real schema.
     output_dir = tmp_path / "judge"

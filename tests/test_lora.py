@@ -14,10 +14,12 @@ from transformers import AutoModelForCausalLM
 
 import tiny_world
 
+pytestmark = pytest.mark.slow  # (the whole suite: python -m pytest --full)
+
 
 def adapted(sft_path, **lora):
-    """The SFT policy with LoRA adapters (rank 4 unless told), as rloo.py builds it, and its reference."""
-    from rloo import Args, with_lora
+    """The SFT policy with LoRA adapters (rank 4 unless told), as rloo_full.py builds it, and its reference."""
+    from rloo_full import Args, with_lora
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(sft_path).eval()
@@ -25,7 +27,7 @@ def adapted(sft_path, **lora):
 
 
 def test_the_reference_is_the_base_model_exactly_and_only_the_adapters_train(pythia_like):
-    from rloo import checkpoint_layers, response_logprobs
+    from rloo_full import checkpoint_layers, response_logprobs
 
     sft_path = pythia_like["sft_model_path"]
     base = AutoModelForCausalLM.from_pretrained(sft_path).eval()
@@ -58,7 +60,7 @@ def test_the_reference_is_the_base_model_exactly_and_only_the_adapters_train(pyt
 
 
 def test_lora_dropout_acts_in_the_policy_although_every_model_stays_in_eval_mode(pythia_like):
-    from rloo import response_logprobs
+    from rloo_full import response_logprobs
 
     policy, reference = adapted(pythia_like["sft_model_path"], lora_dropout=0.5)
     for p in policy.parameters():  # adapters that do something, so that dropping their input shows
@@ -82,7 +84,7 @@ def test_a_lora_run_trains_only_the_adapters_and_saves_adapters_and_a_merged_mod
     from benchmark.compare_runs import gold_figures
 
     output_dir = tmp_path / "run"
-    result = run_script(f"{script}.py", "--output-dir", str(output_dir), "--total-episodes", "128", "--lora-r", "4",
+    result = run_script(f"{script}_full.py", "--output-dir", str(output_dir), "--total-episodes", "128", "--lora-r", "4",
                         "--merge-lora-on-save", "--num-sample-generations", "0", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{2 if script == 'rloo' else 3} models hold" in result.stdout  # no reference copy
@@ -124,7 +126,7 @@ def test_a_lora_run_trains_only_the_adapters_and_saves_adapters_and_a_merged_mod
 @pytest.mark.slow
 def test_rloo_with_lora_raises_the_reward_on_the_tiny_world(tmp_path):
     output_dir = tmp_path / "run"
-    result = run_script("rloo.py", "--output-dir", str(output_dir), "--total-episodes", str(64 * 60), "--seed", "1",
+    result = run_script("rloo_full.py", "--output-dir", str(output_dir), "--total-episodes", str(64 * 60), "--seed", "1",
                         "--lora-r", "8", "--learning-rate", "1e-3", "--num-sample-generations", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     scores = [m["objective/scores"] for m in read_metrics(output_dir)]
@@ -134,14 +136,14 @@ def test_rloo_with_lora_raises_the_reward_on_the_tiny_world(tmp_path):
 @pytest.mark.parametrize("script", ["rloo", "ppo"])
 def test_kill_9_then_resume_with_lora_matches_the_uninterrupted_run(tmp_path, script):
     flags = ["--total-episodes", str(64 * 4), "--save-every", "2", "--num-sample-generations", "0", "--lora-r", "4"]
-    result = run_script(f"{script}.py", *flags, "--output-dir", str(tmp_path / "uninterrupted"))
+    result = run_script(f"{script}_full.py", *flags, "--output-dir", str(tmp_path / "uninterrupted"))
     assert result.returncode == 0, result.stderr[-3000:]
     process = start(script, *flags, "--output-dir", str(tmp_path / "run"))
     read_until(process, "update 3/")
     process.kill()
     process.wait()
     assert checkpoints(tmp_path / "run")[0] == "update_0000002"
-    result = run_script(f"{script}.py", *flags, "--output-dir", str(tmp_path / "run"), "--resume")
+    result = run_script(f"{script}_full.py", *flags, "--output-dir", str(tmp_path / "run"), "--resume")
     assert result.returncode == 0 and "resuming" in result.stdout, result.stderr[-3000:]
     assert_same_run(tmp_path / "uninterrupted", tmp_path / "run")  # metrics, and the adapters bitwise
 
@@ -155,7 +157,7 @@ def test_kill_9_then_resume_with_lora_matches_the_uninterrupted_run(tmp_path, sc
 ])
 def test_bad_lora_flags_get_one_line_and_write_nothing(tmp_path, flags, message):
     output_dir = tmp_path / "run"
-    result = run_script("rloo.py", "--output-dir", str(output_dir), "--total-episodes", "64", *flags)
+    result = run_script("rloo_full.py", "--output-dir", str(output_dir), "--total-episodes", "64", *flags)
     assert_one_line_error(result, message)
     assert not output_dir.exists()
 

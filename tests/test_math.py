@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rloo import logprobs_from_logits, ppo_clip_loss, ratio_diagnostics, rloo_advantages, sample
+from rloo import TokenLogprob, ppo_clip_loss, ratio_diagnostics, rloo_advantages, sample
 
 
 def slow_leave_one_out(rewards, k):
@@ -81,13 +81,13 @@ def test_clip_loss_gradient_equals_reinforce_at_ratio_one_blog_example():
     expected = [-0.1749, 0.5246, -0.1749, -0.1749]
     action, advantage = torch.tensor([1]), torch.tensor([1.0])
     logits = torch.tensor([[1.0, 2.0, 1.0, 1.0]], requires_grad=True)
-    logprob = logprobs_from_logits(logits, action, temperature=1.0)
+    logprob = TokenLogprob.apply(logits, action, temperature=1.0)
     loss, _ = ppo_clip_loss(logprob, logprob.detach(), advantage, cliprange=0.2)
     loss.backward()
     assert (-logits.grad[0]).tolist() == pytest.approx(expected, abs=1e-4)
 
     logits_reinforce = torch.tensor([[1.0, 2.0, 1.0, 1.0]], requires_grad=True)
-    (logprobs_from_logits(logits_reinforce, action, 1.0) * advantage).sum().backward()
+    (TokenLogprob.apply(logits_reinforce, action, 1.0) * advantage).sum().backward()
     assert logits_reinforce.grad[0].tolist() == pytest.approx(expected, abs=1e-4)
 
 
@@ -104,13 +104,13 @@ def test_clip_loss_zeroes_gradient_only_outside_the_trust_region():
     assert loss.item() == pytest.approx((-1.2 + 1.5 + 0.8 - 1.1) / 4, abs=1e-6)
 
 
-def test_logprobs_from_logits_matches_tempered_log_softmax():
+def test_token_logprob_matches_tempered_log_softmax():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 11, generator=generator)
     tokens = torch.randint(0, 11, (3, 5), generator=generator)
     expected = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    assert torch.allclose(logprobs_from_logits(logits, tokens, 0.7), expected, atol=1e-6)
-    assert logprobs_from_logits(logits.bfloat16(), tokens, 0.7).dtype == torch.float32
+    assert torch.allclose(TokenLogprob.apply(logits, tokens, 0.7), expected, atol=1e-6)
+    assert TokenLogprob.apply(logits.bfloat16(), tokens, 0.7).dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
@@ -119,7 +119,7 @@ def test_logprob_gradient_matches_autograd_through_the_log_softmax(dtype, tolera
     tokens = torch.randint(0, 11, (3, 5), generator=generator)
     upstream = torch.randn(3, 5, generator=generator)  # what the loss sends back to each logprob
     gradients = []
-    for logprobs_of in (logprobs_from_logits, lambda logits, tokens, temperature: torch.log_softmax(
+    for logprobs_of in (TokenLogprob.apply, lambda logits, tokens, temperature: torch.log_softmax(
             logits.float() / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)):
         logits = (torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(3)) * 3).to(dtype).requires_grad_()
         (logprobs_of(logits, tokens, 0.7) * upstream).sum().backward()

@@ -21,6 +21,7 @@ def test_generate_logprobs_match_the_training_forward_in_fp32_on_the_tiny_world(
         assert rows[comparison]["ratio_token_min"] == rows[comparison]["ratio_token_max"] == 1.0, comparison
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,dtype", [("rloo.py", "bf16"), ("ppo.py", "bf16"), ("rloo.py", "fp16")])
 def test_forward_source_makes_the_first_minibatch_ratio_exactly_one(tmp_path, script, dtype):
     runs = {}
@@ -42,6 +43,7 @@ def test_forward_source_makes_the_first_minibatch_ratio_exactly_one(tmp_path, sc
     assert first["objective/kl"] != 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["rloo", "ppo"])
 def test_first_minibatch_ratio_is_one_even_when_the_rollout_forward_disagrees(monkeypatch, tmp_path, script):
     # On this CPU a separate no-grad forward already matches the training forward bit for bit; GPU kernels can
@@ -67,6 +69,7 @@ def test_first_minibatch_ratio_is_one_even_when_the_rollout_forward_disagrees(mo
         assert m["val/ratio_var"] > 0  # the second minibatch's old logprobs are the (disagreeing) rollout's
 
 
+@pytest.mark.slow
 def test_benchmark_runs_the_pythia_code_path_and_writes_tables(pythia_like, tmp_path):
     output = tmp_path / "ratio.json"
     result = run_script("benchmark/ratio_diagnostics.py", "--model", "pythia-1b",

@@ -13,13 +13,15 @@ import sys
 import pytest
 from conftest import ROOT, assert_same_run, read_metrics, run_script
 
+pytestmark = pytest.mark.slow  # (the whole suite: python -m pytest --full)
+
 # A few updates, with a checkpoint every second one.
 FLAGS = {"rloo": ["--total-episodes", str(64 * 6)], "ppo": ["--total-episodes", str(64 * 4)]}
 COMMON = ["--save-every", "2", "--num-sample-generations", "0"]
 
 
 def start(script, *flags):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}.py"), *flags], cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}_full.py"), *flags], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -45,7 +47,7 @@ def uninterrupted(tmp_path_factory):
     def get(script):
         if script not in runs:
             output_dir = tmp_path_factory.mktemp(script) / "uninterrupted"
-            result = run_script(f"{script}.py", *FLAGS[script], *COMMON, "--output-dir", str(output_dir))
+            result = run_script(f"{script}_full.py", *FLAGS[script], *COMMON, "--output-dir", str(output_dir))
             assert result.returncode == 0, result.stderr[-3000:]
             runs[script] = output_dir
         return runs[script]
@@ -68,7 +70,7 @@ def test_kill_9_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path, unin
     (output_dir / "checkpoints" / "update_0000099.partial").mkdir()
     (output_dir / "checkpoints" / "update_0000099.partial" / "model.safetensors").write_text("cut short")
 
-    result = run_script(f"{script}.py", *FLAGS[script], *COMMON, "--output-dir", str(output_dir), "--resume")
+    result = run_script(f"{script}_full.py", *FLAGS[script], *COMMON, "--output-dir", str(output_dir), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stdout and "after update" in result.stdout
     assert_same_run(uninterrupted(script), output_dir)
@@ -87,7 +89,7 @@ def test_sigterm_finishes_the_update_saves_and_exits_then_resume_matches(tmp_pat
     assert checkpoints(output_dir) == [f"update_{stopped_after:07d}"]  # --save-every 100 would not have saved one
 
     # Gradient checkpointing only trades memory for compute, so the resumed run may switch it on and still match.
-    result = run_script(f"{script}.py", *FLAGS[script], *COMMON, "--output-dir", str(output_dir), "--resume",
+    result = run_script(f"{script}_full.py", *FLAGS[script], *COMMON, "--output-dir", str(output_dir), "--resume",
                         "--gradient-checkpointing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(uninterrupted(script), output_dir)
@@ -111,35 +113,35 @@ def test_an_existing_run_is_never_silently_replaced(tmp_path, uninterrupted):
     shutil.copytree(uninterrupted("rloo"), run)
     before = (run / "metrics.jsonl").read_text()
     for flags, message in [
-        ([], "is not empty; pass --resume to continue the run in it, --overwrite to replace it"),
+        ([], "is not empty; choose another directory (rloo_full.py --resume continues a run in it, --overwrite replaces"),
         (["--resume", "--learning-rate", "1e-3"], "--resume needs the interrupted run's settings (its args.json), "
                                                   "but --learning-rate 0.0001 -> 0.001"),
         (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
     ]:
-        result = run_script("rloo.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), *flags)
+        result = run_script("rloo_full.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), *flags)
         assert result.returncode != 0 and message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
         assert (run / "metrics.jsonl").read_text() == before
     not_a_run = tmp_path / "notes"
     not_a_run.mkdir()
     (not_a_run / "thesis.tex").write_text("precious")
     for flag in ("--overwrite", "--resume"):
-        result = run_script("rloo.py", "--output-dir", str(not_a_run), flag)
+        result = run_script("rloo_full.py", "--output-dir", str(not_a_run), flag)
         assert result.returncode != 0 and "holds no run (no args.json naming its script)" in result.stderr
         assert os.listdir(not_a_run) == ["thesis.tex"] and (not_a_run / "thesis.tex").read_text() == "precious"
-    # Nor does rloo.py take over a run of ppo.py.
-    result = run_script("ppo.py", "--total-episodes", "64", "--output-dir", str(tmp_path / "ppo_run"))
+    # Nor does rloo_full.py take over a run of ppo_full.py.
+    result = run_script("ppo_full.py", "--total-episodes", "64", "--output-dir", str(tmp_path / "ppo_run"))
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--overwrite", "--resume"):
-        result = run_script("rloo.py", "--output-dir", str(tmp_path / "ppo_run"), flag)
-        assert result.returncode != 0 and "holds a run of ppo.py, not of rloo.py" in result.stderr
+        result = run_script("rloo_full.py", "--output-dir", str(tmp_path / "ppo_run"), flag)
+        assert result.returncode != 0 and "holds a run of ppo_full.py, not of rloo_full.py" in result.stderr
     assert (tmp_path / "ppo_run" / "value_model").exists()
-    result = run_script("rloo.py", "--resume")
+    result = run_script("rloo_full.py", "--resume")
     assert result.returncode != 0 and "--resume needs --output-dir" in result.stderr
 
     # Asked explicitly, --overwrite replaces the run; a finished run resumed has nothing left to do.
-    result = run_script("rloo.py", "--total-episodes", "64", *COMMON, "--output-dir", str(run), "--overwrite")
+    result = run_script("rloo_full.py", "--total-episodes", "64", *COMMON, "--output-dir", str(run), "--overwrite")
     assert result.returncode == 0 and len(read_metrics(run)) == 1 and checkpoints(run) == ["update_0000001"]
-    result = run_script("rloo.py", "--total-episodes", "64", *COMMON, "--output-dir", str(run), "--resume")
+    result = run_script("rloo_full.py", "--total-episodes", "64", *COMMON, "--output-dir", str(run), "--resume")
     assert result.returncode == 0 and "after update 1" in result.stdout and len(read_metrics(run)) == 1
 
 
@@ -148,13 +150,13 @@ def test_a_corrupt_checkpoint_or_metrics_line_gets_one_line_naming_it(tmp_path, 
     shutil.copytree(uninterrupted("rloo"), run)
     newest = run / "checkpoints" / checkpoints(run)[-1]
     (newest / "optimizer.bin").write_bytes(b"not a pickle")
-    result = run_script("rloo.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume")
+    result = run_script("rloo_full.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"cannot load the checkpoint {newest}" in result.stderr.strip().splitlines()[-1]
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     lines[1] = '{"update": 2, "objective/kl"\n'  # a line damaged on disk
     (run / "metrics.jsonl").write_text("".join(lines))
-    result = run_script("rloo.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume")
+    result = run_script("rloo_full.py", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"line 2 of {run / 'metrics.jsonl'} is damaged" in result.stderr.strip().splitlines()[-1]
     assert (run / "metrics.jsonl").read_text() == "".join(lines)
@@ -163,7 +165,7 @@ def test_a_corrupt_checkpoint_or_metrics_line_gets_one_line_naming_it(tmp_path, 
 def run_copy(source, directory, *flags):
     """A copy of a script, as a fork is, run from another directory (the project on its import path)."""
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "rloo.py")
+    path = os.path.join(directory, "rloo_full.py")
     with open(path, "w") as f:
         f.write(source)
     return run_script(path, *flags)
@@ -172,29 +174,45 @@ def run_copy(source, directory, *flags):
 def test_resume_refuses_an_edited_script_unless_told_and_a_forks_bug_shows_its_traceback(tmp_path, uninterrupted):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted("rloo"), run)
-    with open(os.path.join(ROOT, "rloo.py")) as f:
+    with open(os.path.join(ROOT, "rloo_full.py")) as f:
         source = f.read()
     edited = source + "\n# an idea\n"
     result = run_copy(edited, tmp_path / "fork", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume")
-    assert result.returncode != 0 and "rloo.py has changed since it made the run" in result.stderr
+    assert result.returncode != 0 and "rloo_full.py has changed since it made the run" in result.stderr
     assert "--resume-anyway" in result.stderr.strip().splitlines()[-1]
     result = run_copy(edited, tmp_path / "fork", *FLAGS["rloo"], *COMMON, "--output-dir", str(run), "--resume",
                       "--resume-anyway")
     assert result.returncode == 0 and "resuming" in result.stdout, result.stderr[-2000:]
+    # args.json keeps the record of which code ran which updates
+    saved = json.load(open(run / "args.json"))
+    original = json.load(open(uninterrupted("rloo") / "args.json"))
+    assert saved["script_sha256"] != original["script_sha256"] and saved["history"] == [
+        {"script": "rloo_full.py", "script_sha256": original["script_sha256"], "first_update": 1, "last_update": 6}]
+    # A run of rloo.py from before the core and the full script were split: the refusal says what to add.
+    before_split = tmp_path / "before_split"
+    shutil.copytree(uninterrupted("rloo"), before_split)
+    saved = json.load(open(before_split / "args.json"))
+    json.dump({**saved, "script": "rloo.py"}, open(before_split / "args.json", "w"))
+    flags = [*FLAGS["rloo"], *COMMON, "--output-dir", str(before_split), "--resume"]
+    result = run_script("rloo_full.py", *flags)
+    assert "holds a run of rloo.py, not of rloo_full.py; choose another directory (or add --resume-anyway to " \
+           "continue it with rloo_full.py)" in result.stderr.strip().splitlines()[-1]
+    result = run_script("rloo_full.py", *flags, "--resume-anyway")
+    assert result.returncode == 0 and json.load(open(before_split / "args.json"))["history"][0]["script"] == "rloo.py"
     # A bug in a fork is not a foreseeable mistake: Python's traceback names the fork's file and line.
     buggy = source.replace("        advantages = rloo_advantages(rlhf_reward, args.rloo_k)\n",
                            "        advantages = rloo_advantages(rlhf_reward, args.rloo_k) / undefined_name\n")
     assert buggy != source
     result = run_copy(buggy, tmp_path / "buggy", "--total-episodes", "64", "--output-dir", str(tmp_path / "b"))
     assert result.returncode != 0 and "Traceback" in result.stderr and "NameError" in result.stderr
-    assert str(tmp_path / "buggy" / "rloo.py") in result.stderr
+    assert str(tmp_path / "buggy" / "rloo_full.py") in result.stderr
 
 
 def test_an_unreachable_wandb_falls_back_to_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
     env.update(WANDB_BASE_URL="http://127.0.0.1:9", WANDB_API_KEY="x" * 40, WANDB_INIT_TIMEOUT="3")
     output_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "rloo.py"), "--total-episodes", "64", "--track",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "rloo_full.py"), "--total-episodes", "64", "--track",
                              "--output-dir", str(output_dir)], cwd=ROOT, capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -206,7 +224,7 @@ def test_an_unreachable_wandb_falls_back_to_offline(tmp_path):
                                                  ("rloo", "fp16", "reward_scores"), ("rloo", "fp32", "sample")])
 def test_a_non_finite_score_or_sampling_logit_stops_the_run_and_keeps_the_last_good_checkpoint(
         monkeypatch, tmp_path, script, dtype, broken):
-    module = importlib.import_module(script)
+    module = importlib.import_module(f"{script}_full")
     exact = getattr(module, broken)
     calls = []
 

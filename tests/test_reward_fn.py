@@ -81,7 +81,8 @@ def test_gold_reward_is_the_gold_judges_score():
     assert tiny_world.gold_reward([prompt, prompt], ["cat rent boss", "cat um cat"]) == [1.0, 1 / 3 - 0.25 - 0.25]
 
 
-@pytest.mark.parametrize("script", ["rloo.py", "ppo.py"])
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["rloo_full.py", "ppo_full.py"])
 def test_reward_model_and_function_combine_with_their_weights_before_the_eos_penalty(tmp_path, rewards_file, script):
     alone = tiny(script, tmp_path / "alone")
     both = tiny(script, tmp_path / "both", "--reward-fn", f"{rewards_file}:constant", "--reward-fn-weight", "2",
@@ -96,7 +97,8 @@ def test_reward_model_and_function_combine_with_their_weights_before_the_eos_pen
     assert first_both["objective/unscored"] == 0
 
 
-@pytest.mark.parametrize("script", ["rloo.py", "ppo.py"])
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["rloo_full.py", "ppo_full.py"])
 def test_a_batch_the_function_leaves_unscored_trains_nothing(tmp_path, rewards_file, script):
     # Every completion unscored: advantages 0 (RLOO), no token in either loss (PPO), so AdamW's steps are exact no-ops.
     result = tiny(script, tmp_path / "run", "--reward-fn", f"{rewards_file}:all_none", "--reward-model-path", "none")
@@ -108,7 +110,8 @@ def test_a_batch_the_function_leaves_unscored_trains_nothing(tmp_path, rewards_f
     assert all(torch.equal(saved[name], initial[name]) for name in initial)
 
 
-@pytest.mark.parametrize("script", ["rloo.py", "ppo.py"])
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["rloo_full.py", "ppo_full.py"])
 def test_none_completions_are_counted_and_the_rest_train(tmp_path, rewards_file, script):
     result = tiny(script, tmp_path / "run", "--reward-fn", f"{rewards_file}:every_other_none", episodes=128)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -117,8 +120,9 @@ def test_none_completions_are_counted_and_the_rest_train(tmp_path, rewards_file,
     assert all(m["loss/policy_avg"] != 0.0 and m["objective/scores"] == m["objective/scores"] for m in metrics)
 
 
+@pytest.mark.slow
 def test_ppo_without_a_reward_model_starts_its_value_model_from_the_sft_backbone(tmp_path):
-    result = tiny("ppo.py", tmp_path / "run", "--reward-fn", "tiny_world:gold_reward", "--reward-model-path", "none")
+    result = tiny("ppo_full.py", tmp_path / "run", "--reward-fn", "tiny_world:gold_reward", "--reward-model-path", "none")
     assert result.returncode == 0, result.stderr[-3000:]
     value = load_file(tmp_path / "run" / "value_model" / "model.safetensors")
     assert "score.weight" in value and json.load(open(tmp_path / "run" / "args.json"))["value_model_path"] == (
@@ -130,16 +134,18 @@ def test_ppo_without_a_reward_model_starts_its_value_model_from_the_sft_backbone
     ("a_nan", "returned nan for completion 2 ("),
     ("text", "returned 'good' for completion 0 ("),
 ])
+@pytest.mark.slow
 def test_a_wrong_return_stops_the_run_with_one_line_before_any_step(tmp_path, rewards_file, function, message):
-    result = tiny("rloo.py", tmp_path / "run", "--reward-fn", f"{rewards_file}:{function}")
+    result = tiny("rloo_full.py", tmp_path / "run", "--reward-fn", f"{rewards_file}:{function}")
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert last.startswith(f"error: the reward function my_rewards:{function} (--reward-fn) {message}"), last
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_an_exception_in_the_function_keeps_its_traceback_and_names_it(tmp_path, rewards_file):
-    result = tiny("ppo.py", tmp_path / "run", "--reward-fn", f"{rewards_file}:buggy", "--reward-model-path", "none")
+    result = tiny("ppo_full.py", tmp_path / "run", "--reward-fn", f"{rewards_file}:buggy", "--reward-model-path", "none")
     assert result.returncode != 0 and "ZeroDivisionError" in result.stderr
     assert f'File "{rewards_file}", line' in result.stderr and "return [len(c) / 0" in result.stderr
     assert "raised inside the reward function my_rewards:buggy" in result.stderr
@@ -153,20 +159,34 @@ def test_an_exception_in_the_function_keeps_its_traceback_and_names_it(tmp_path,
     (["--reward-fn", "missing.py:f"], "there is no file 'missing.py'"),
     (["--reward-fn", "tiny_world:no_such_function"], "tiny_world has no function 'no_such_function'"),
 ])
+@pytest.mark.slow
 def test_a_wrong_reward_fn_flag_gets_one_line(tmp_path, flags, message):
-    result = tiny("rloo.py", tmp_path / "run", *flags)
+    result = tiny("rloo_full.py", tmp_path / "run", *flags)
     assert_one_line_error(result, message)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_the_readmes_example_reads_the_datasets_other_columns_and_its_score_rises(tmp_path):
     # The README's reward function (the share of the reference summary's words, from the dataset's `messages`
     # column; None for an empty completion), RLOO with no reward model: its score must rise.
     readme = open(os.path.join(ROOT, "README.md")).read()
     example = readme.split("## Reward functions (`--reward-fn`)")[1].split("```python")[1].split("```")[0]
     (tmp_path / "my_rewards.py").write_text(example)
-    result = tiny("rloo.py", tmp_path / "run", "--reward-fn", f"{tmp_path / 'my_rewards.py'}:names_the_reference",
+    result = tiny("rloo_full.py", tmp_path / "run", "--reward-fn", f"{tmp_path / 'my_rewards.py'}:names_the_reference",
                   "--reward-model-path", "none", episodes=64 * 40)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = [m["objective/scores"] for m in read_metrics(tmp_path / "run")]
     assert mean(scores[-5:]) > mean(scores[:5]) + 0.05, scores  # (+0.065 at 30 updates, seed 1)
+
+
+@pytest.mark.slow
+def test_resume_refuses_an_edited_reward_function_file_unless_told(tmp_path, rewards_file):
+    flags = ("--reward-fn", f"{rewards_file}:constant")
+    assert tiny("rloo_full.py", tmp_path / "run", *flags).returncode == 0
+    with open(rewards_file, "a") as f:
+        f.write("\n# edited after the run\n")
+    result = tiny("rloo_full.py", tmp_path / "run", *flags, "--resume")
+    assert_one_line_error(result, "the file of --reward-fn")
+    result = tiny("rloo_full.py", tmp_path / "run", *flags, "--resume", "--resume-anyway")
+    assert result.returncode == 0 and "resuming" in result.stdout, result.stderr[-3000:]

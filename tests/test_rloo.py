@@ -1,12 +1,18 @@
-"""rloo.py run as a user runs it: a subprocess with flags, on offline stand-ins for the hub artefacts."""
+"""rloo.py, the core, run as a user runs it (a subprocess with flags, on offline stand-ins for the hub artefacts),
+and its refusals of bad flags and inputs, in this process."""
 
+import dataclasses
+import importlib
 import json
 from statistics import mean
 
 import pytest
 import torch
-from conftest import DIAG_METRICS, TRL_METRICS, assert_one_line_error, pythia_flags, read_metrics, run_script
+from conftest import DIAG_METRICS, TRL_METRICS, pythia_flags, read_metrics, refused, run_script
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import rloo
+
 
 def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     output_dir = tmp_path / "run"
@@ -38,98 +44,118 @@ def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     assert tables and json.load(open(tables[0]))["columns"] == ["query", "response", "score"]
 
 
+@pytest.mark.parametrize("script", ["rloo", "rloo_full"])
 @pytest.mark.parametrize("flags,message", [
+    (["--rloo-k", "0"], "--rloo-k must be at least 2"),  # (before any arithmetic with k)
     (["--rloo-k", "1"], "--rloo-k must be at least 2"),
     (["--rloo-k", "3"], "--rloo-k 3 must divide"),
-    (["--response-length", "0"], "--response-length"),
+    (["--response-length", "0"], "--response-length must be >= 1"),
     (["--total-episodes", "0"], "--total-episodes must be >= 1"),
-    (["--prompt-column", "text"], "no column 'text'"),
-    (["--max-prompt-length", "2"], "prompts fit --max-prompt-length"),
-    (["--save-every", "0"], "--save-every and --keep-checkpoints must be >= 1"),
+    (["--per-device-train-batch-size", "0"], "--per-device-train-batch-size must be >= 1"),
     (["--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
     (["--learning-rate", "-1"], "--learning-rate must be >= 0"),
     (["--temperature", "nan"], "--temperature must be > 0"),
+])
+def test_bad_flags_get_one_line_before_any_arithmetic(script, flags, message):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exited:
+        module.check_args(module.parse_args(flags))
+    assert str(exited.value.code).startswith("error: ") and message in str(exited.value.code)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--prompt-column", "text"], "no column 'text'"),
+    (["--max-prompt-length", "2"], "prompts fit --max-prompt-length"),
     (["--response-length", "100000"], "exceed the policy's"),
     (["--reward-model-path", "SFT"], "has no trained score.weight (is it a sequence-classification model"),
+    (["--sft-model-path", "nowhere"], "cannot load the SFT policy from 'nowhere'"),
 ])
 def test_bad_input_gets_one_line_error_and_writes_nothing(pythia_like, tmp_path, flags, message):
     output_dir = tmp_path / "run"
     flags = [pythia_like["sft_model_path"] if flag == "SFT" else flag for flag in flags]  # a causal LM, no score head
-    result = run_script("rloo.py", *pythia_flags(pythia_like, output_dir, "--total-episodes", "48", *flags))
-    assert_one_line_error(result, message)
+    assert message in refused(rloo, pythia_flags(pythia_like, output_dir, "--total-episodes", "48", *flags))
     assert not output_dir.exists()
 
 
-def test_bad_data_and_mismatched_models_are_named_before_anything_is_written(pythia_like, tmp_path):
+def test_mismatched_models_and_bad_data_are_named_before_anything_is_written(pythia_like, tmp_path):
     from datasets import load_dataset
     from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
 
+    import rloo_full
+
     rows = load_dataset(pythia_like["dataset_name"], split="train").to_list()
-
-    def with_prompts(name, prompts):
-        directory = tmp_path / name
-        directory.mkdir()
-        with open(directory / "train.jsonl", "w") as f:
-            for row, prompt in zip(rows, prompts):
-                f.write(json.dumps({"prompt": prompt, "id": row["id"]}) + "\n")
-        return str(directory)
-
-    def run(output_dir, *flags):
-        return run_script("rloo.py", *pythia_flags(pythia_like, output_dir, "--total-episodes", "16", *flags))
-
-    # Empty prompts are dropped and counted, as long ones are.
     texts = [row["prompt"] for row in rows]
-    result = run(tmp_path / "empty", "--dataset-name", with_prompts("empty_prompts", ["", ""] + texts[2:]))
-    assert result.returncode == 0 and f"dropped 2 of {len(rows)} prompts: 2 empty, 0 longer" in result.stdout
-    # A prompt that is not text is named by row and column.
-    result = run(tmp_path / "none", "--dataset-name", with_prompts("none_prompt", texts[:3] + [None] + texts[4:]))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "row 3 of the dataset's column 'prompt' is None, not text" in result.stderr.strip().splitlines()[-1]
+    directory = tmp_path / "none_prompt"
+    directory.mkdir()
+    with open(directory / "train.jsonl", "w") as f:
+        for row, prompt in zip(rows, texts[:3] + [None] + texts[4:]):
+            f.write(json.dumps({"prompt": prompt, "id": row["id"]}) + "\n")
+    flags = pythia_flags(pythia_like, tmp_path / "none", "--total-episodes", "16", "--dataset-name", str(directory))
+    # The full script names a prompt that is not text by row and column.
+    assert "row 3 of the dataset's column 'prompt' is None, not text" in refused(rloo_full, flags)
     # A reward model whose vocabulary is smaller than the tokenizer's is refused before the first rollout.
     config = GPTNeoXConfig(vocab_size=5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=32, num_labels=1)
     GPTNeoXForSequenceClassification(config).save_pretrained(tmp_path / "small_reward")
-    result = run(tmp_path / "vocab", "--reward-model-path", str(tmp_path / "small_reward"))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "more than the 5 embeddings of the model at --reward-model-path" in result.stderr.strip().splitlines()[-1]
+    flags = pythia_flags(pythia_like, tmp_path / "vocab", "--total-episodes", "16", "--reward-model-path",
+                         str(tmp_path / "small_reward"))
+    assert "more than the 5 embeddings of the model at --reward-model-path" in refused(rloo, flags)
     assert not (tmp_path / "none").exists() and not (tmp_path / "vocab").exists()
 
 
-def test_missing_model_and_unknown_preset_are_refused(pythia_like, tmp_path):
-    flags = pythia_flags(pythia_like, tmp_path / "run", "--total-episodes", "48")
-    flags[flags.index("--sft-model-path") + 1] = str(tmp_path / "nowhere")
-    result = run_script("rloo.py", *flags)
-    assert result.returncode != 0 and "--sft-model-path" in result.stderr.splitlines()[-1]
-    result = run_script("rloo.py", "--model", "pythia-70b")
-    assert result.returncode != 0 and "unknown --model 'pythia-70b'" in result.stderr
+def test_unknown_preset_and_the_full_scripts_flags_are_refused_with_one_line(capsys):
+    for flags, message in [(["--model", "pythia-70b"], "unknown --model 'pythia-70b'"),
+                           (["--resume"], "--resume is in rloo_full.py, not in the core rloo.py"),
+                           (["--lora-r=8"], "--lora-r=8 is in rloo_full.py"),
+                           (["--no-train-on-rollout-forward"], "is in rloo_full.py"),
+                           (["--model", "pythia-6.9b"], "pythia-6.9b is in rloo_full.py")]:
+        with pytest.raises(SystemExit) as exited:
+            rloo.parse_args(flags)
+        assert message in str(exited.value.code)
 
 
-def test_help_shows_the_chosen_presets_defaults():
-    result = run_script("rloo.py", "--model", "pythia-1b", "--help")
-    assert result.returncode == 0
-    unwrapped = "".join(c for c in result.stdout if not c.isspace() and c != "│")  # help wraps long values
+def test_the_core_names_every_flag_only_the_full_script_has_and_no_other():
+    import rloo_full
+
+    def flags(module):
+        return {field.name.replace("_", "-") for field in dataclasses.fields(module.Args)}
+
+    assert rloo.FULL_ONLY == flags(rloo_full) - flags(rloo) | {"pythia-6.9b"}
+
+
+def test_help_shows_the_chosen_presets_defaults(capsys):
+    with pytest.raises(SystemExit) as exited:
+        rloo.parse_args(["--model", "pythia-1b", "--help"])
+    assert exited.value.code == 0
+    unwrapped = "".join(c for c in capsys.readouterr().out if not c.isspace() and c != "│")  # help wraps values
     assert "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr" in unwrapped
     assert "trl-internal-testing/tldr-preference-sft-trl-style" in unwrapped
 
 
 def test_tiny_preset_runs_end_to_end_and_saves_a_loadable_policy(tmp_path):
     output_dir = tmp_path / "run"
+    # A run that stopped before its first update left nothing to lose: the same command starts it again.
+    output_dir.mkdir()
+    (output_dir / "args.json").write_text("{}")
+    (output_dir / "metrics.jsonl").write_text("")
     result = run_script("rloo.py", "--output-dir", str(output_dir), "--total-episodes", "192")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "update 3/3" in result.stdout and " -> " in result.stdout  # progress lines and a sample table
+    assert "deepspeed" not in (result.stdout + result.stderr).lower()  # installed, unused, and silent
     metrics = read_metrics(output_dir)
     assert len(metrics) == 3 and all(name in metrics[-1] for name in TRL_METRICS + DIAG_METRICS)
-    # Where each update's time went: every phase measured, and little outside the model calls.
-    phases = [metrics[-1][f"time/{phase}"] for phase in ("generation", "forward", "backward", "optimizer")]
-    assert min(phases) > 0 and 0 <= metrics[-1]["time/other"] < 0.25 * metrics[-1]["time/update"]
-    assert sum(phases) + metrics[-1]["time/other"] == pytest.approx(metrics[-1]["time/update"], rel=1e-3)
+    # The gradient norm is logged before clipping: in the tiny preset every update is clipped to 1.
+    assert all(m["grad_norm"] > 1.0 for m in metrics)
+    # A run with results is never written over by another.
+    result = run_script("rloo.py", "--output-dir", str(output_dir), "--total-episodes", "64")
+    assert "is not empty; choose another directory" in result.stderr.strip().splitlines()[-1]
+    assert len(read_metrics(output_dir)) == 3
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     policy = AutoModelForCausalLM.from_pretrained(output_dir)
     ids = tokenizer("SUBREDDIT: r/pets TITLE: cat help POST: cat rent boss TL;DR:", return_tensors="pt")["input_ids"]
     assert policy.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
 
 
-@pytest.mark.slow
 def test_rloo_raises_the_reward_on_the_tiny_world(tmp_path):
     output_dir = tmp_path / "run"
     result = run_script("rloo.py", "--output-dir", str(output_dir), "--total-episodes", str(64 * 60), "--seed", "1")
@@ -143,7 +169,7 @@ def test_rloo_raises_the_reward_on_the_tiny_world(tmp_path):
 
 
 def test_gradient_checkpointing_keeps_only_layer_inputs_and_changes_no_gradient_or_sample(pythia_like):
-    from rloo import checkpoint_layers, response_logprobs, sample
+    from rloo_full import checkpoint_layers, response_logprobs, sample
 
     plain, checkpointed = (AutoModelForCausalLM.from_pretrained(pythia_like["sft_model_path"]).eval() for _ in range(2))
     checkpoint_layers(checkpointed)

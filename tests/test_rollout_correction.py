@@ -9,8 +9,8 @@ import torch
 from conftest import assert_one_line_error, assert_same_run, read_metrics, run_script
 from safetensors.torch import load_file
 
-import ppo
-import rloo
+import ppo_full as ppo
+import rloo_full as rloo
 
 
 def tiny(script, output_dir, *flags, episodes=128):
@@ -96,7 +96,8 @@ def test_renormalised_learner_logprobs_are_of_its_own_nucleus_and_finite_at_any_
     assert (kept.logprobs >= full.logprobs - 1e-6).all()
 
 
-@pytest.mark.parametrize("script", ["rloo.py", "ppo.py"])
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["rloo_full.py", "ppo_full.py"])
 def test_an_fp32_sampler_copy_changes_nothing_and_a_bf16_one_is_measured(tmp_path, script):
     plain = tiny(script, tmp_path / "plain", episodes=64)
     copy = tiny(script, tmp_path / "copy", "--sampler-dtype", "fp32", episodes=64)
@@ -116,10 +117,11 @@ def test_an_fp32_sampler_copy_changes_nothing_and_a_bf16_one_is_measured(tmp_pat
     assert 0 < low["rollout/ess"] <= 1 and low["rollout/is_weight_max"] > 1.001
 
 
+@pytest.mark.slow
 def test_a_stale_sampler_is_corrected_and_resumes_bitwise(tmp_path):
     flags = ["--sampler-sync-every", "4", "--rollout-correction", "seq-mis", "--rollout-correction-cap", "1.5",
              "--save-every", "3", "--keep-checkpoints", "5"]
-    run = tiny("rloo.py", tmp_path / "run", *flags, episodes=64 * 6)
+    run = tiny("rloo_full.py", tmp_path / "run", *flags, episodes=64 * 6)
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
     # Fresh at updates 1 and 5; stale (and masked above the cap) in between.
@@ -130,11 +132,11 @@ def test_a_stale_sampler_is_corrected_and_resumes_bitwise(tmp_path):
     shutil.copytree(tmp_path / "run", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "update_0000006")
     (tmp_path / "resumed" / "model.safetensors").unlink()
-    resumed = tiny("rloo.py", tmp_path / "resumed", *flags, "--resume", episodes=64 * 6)
+    resumed = tiny("rloo_full.py", tmp_path / "resumed", *flags, "--resume", episodes=64 * 6)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout and "after update 3" in resumed.stdout
     assert_same_run(tmp_path / "run", tmp_path / "resumed")
-    uncorrected = tiny("rloo.py", tmp_path / "uncorrected", *flags[:2], episodes=64 * 6)
+    uncorrected = tiny("rloo_full.py", tmp_path / "uncorrected", *flags[:2], episodes=64 * 6)
     assert uncorrected.returncode == 0
     a, b = load_file(tmp_path / "run" / "model.safetensors"), load_file(tmp_path / "uncorrected" / "model.safetensors")
     assert not all(torch.equal(a[k], b[k]) for k in a)  # the correction changed the updates
@@ -146,7 +148,8 @@ def test_a_stale_sampler_is_corrected_and_resumes_bitwise(tmp_path):
     (["--sampler-sync-every", "0"], "--sampler-sync-every must be >= 1"),
     (["--rollout-correction-cap", "0"], "--rollout-correction-cap must be > 0"),
 ])
+@pytest.mark.slow
 def test_bad_sampler_flags_get_one_line(tmp_path, flags, message):
-    result = tiny("rloo.py", tmp_path / "run", *flags)
+    result = tiny("rloo_full.py", tmp_path / "run", *flags)
     assert_one_line_error(result, message)
     assert not (tmp_path / "run").exists()

@@ -31,11 +31,12 @@ def world(tmp_path_factory):
     return root
 
 
-def run_ours(world, case, result, patch=""):
-    """One case through our script (benchmark/trl_parity.py's own side), optionally with `patch` run first."""
+def run_ours(world, case, result, patch="", full_script=False):
+    """One case through a core, or its full script (benchmark/trl_parity.py's own side), optionally with `patch` run
+    first."""
     code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'benchmark')!r}]\n{patch}\n"
             f"import trl_parity; trl_parity.main(['--side', 'ours', '--world', {world!r}, '--case', {case!r}, "
-            f"'--result', {str(result)!r}])")
+            f"'--result', {str(result)!r}]" + (" + ['--full-script']" if full_script else "") + ")")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(result) as f:
@@ -45,9 +46,11 @@ def run_ours(world, case, result, patch=""):
 AGREEING = [name for name, case in trl_parity.CASES.items() if not case.get("trl_stops_at_eos")]
 
 
+@pytest.mark.parametrize("full_script", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["core", "full"])
 @pytest.mark.parametrize("case", AGREEING)
-def test_scripts_compute_what_trl_computes_on_a_fixed_batch(world, case, tmp_path):
-    table = trl_parity.compare(run_ours(world, case, tmp_path / "ours.json"), FIXTURE["cases"][case])
+def test_scripts_compute_what_trl_computes_on_a_fixed_batch(world, case, full_script, tmp_path):
+    table = trl_parity.compare(run_ours(world, case, tmp_path / "ours.json", full_script=full_script),
+                               FIXTURE["cases"][case])
     assert len(table) > 20  # every quantity was compared
     # (the std of the micro-batch ratio means agrees to 1e-7 here; a population variance in place of TRL's unbiased
     # one would move it by about 1e-4)
@@ -55,6 +58,7 @@ def test_scripts_compute_what_trl_computes_on_a_fixed_batch(world, case, tmp_pat
     assert {name: value for name, value in table.items() if not value <= tolerance.get(name, TOLERANCE)} == {}
 
 
+@pytest.mark.slow
 def test_parity_catches_the_score_on_the_eos_token(world, tmp_path):
     # ppo.py before it followed TRL: the score on the EOS token itself, no value after it.
     patch = ("import torch, ppo\n"
@@ -68,6 +72,7 @@ def test_parity_catches_the_score_on_the_eos_token(world, tmp_path):
     assert table["advantages"] > 1e-2 and table["values"] > 1e-2 and table["gradient norm, every step"] > 1e-3
 
 
+@pytest.mark.slow
 def test_trl_ppo_narrower_batch_is_the_one_named_difference(world, tmp_path):
     # When every completion ends early, TRL's PPO batch is as wide as its longest completion, whose score then sits
     # on its EOS token; ppo.py keeps the full width (as Huang et al.). Everything before the values agrees.

@@ -11,8 +11,8 @@ value loss (Schulman et al. 2017; Ziegler et al. 2019; Huang et al. 2024, as TRL
     python ppo.py --model pythia-1b --help   # every knob, with that preset's defaults
     accelerate launch --num_processes 8 ppo.py --model pythia-1b   # data parallel on 8 GPUs
 
-ppo_full.py is this file with insertions for long and large runs (resume, ZeRO-3, LoRA, reward functions, a
-separate sampler, rollout correction, gradient checkpointing, non-finite guards, phase timings): see the README.
+ppo.py is the algorithm; ppo_full.py is ppo.py with insertions for long and large runs (resume, ZeRO-3, LoRA,
+reward functions, a separate sampler, rollout correction, gradient checkpointing, non-finite guards, timings).
 """
 
 import argparse
@@ -371,9 +371,9 @@ def main(args: Args) -> None:
     parameters = [*policy.parameters(), *value_model.parameters()]  # one optimizer, one loss: pg + vf_coef * vf
     # fused: one kernel for all the parameters (5.5x faster than the default foreach on this CPU, also on GPUs)
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0 - update / args.num_updates)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / args.num_updates)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16 gradients underflow without it
-    # Data parallel (DDP) averages the gradients over processes; generation and no-grad passes use the plain models.
+    # DDP averages the gradients of what trains through policy_and_value; generation, no-grad passes: the plain models
     policy_and_value, optimizer = accelerator.prepare(PolicyAndValue(policy, value_model), optimizer)
     unwrapped_policy_and_value = accelerator.unwrap_model(policy_and_value)
     unwrapped_policy, unwrapped_value_model = unwrapped_policy_and_value.policy, unwrapped_policy_and_value.value_model
@@ -418,7 +418,7 @@ def main(args: Args) -> None:
         if args.missing_eos_penalty is not None:
             scores = torch.where((responses == eos_id).any(1), scores, scores - args.missing_eos_penalty)
         kl = logprobs - ref_logprobs  # (B, R), zero after the stop token
-        rewards = token_rewards(scores, kl, response_mask, args.kl_coef)
+        rewards = token_rewards(scores, kl, response_mask, args.kl_coef)  # (rlhf_reward below: for the log)
         non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward
 
@@ -442,7 +442,7 @@ def main(args: Args) -> None:
                     new_logprobs, new_values = output.logprobs.masked_fill(~response_mask[idx], 0.0), output.values
                     old_logprobs = logprobs[idx]
                     if epoch == 0 and mb_start == 0 and args.old_logprobs == "forward":
-                        old_logprobs = new_logprobs.detach()  # no step yet: this pass IS the sampler (ratio 1)
+                        old_logprobs = new_logprobs.detach()  # no step yet: the sampling weights, ratio exactly 1
                     mask, vmask = loss_mask[idx], value_mask[idx]
 
                     loss, clipfrac = ppo_clip_loss(new_logprobs[mask], old_logprobs[mask], advantages[idx][mask],
@@ -678,8 +678,8 @@ def open_logs(args: Args, run_name, is_main):
 
 
 def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
-    """The first minibatch's ratio, before any step, should be exactly 1: anything else is numerical mismatch of the
-    two logprob sources (bf16, KV cache, batch shape). clipfrac: ratios outside [1 - c, 1 + c], whatever the sign."""
+    """The first minibatch's ratio, before any step: exactly 1 with --old-logprobs forward (by construction); with
+    generate, anything else is numerical mismatch (bf16, KV cache, batch shape). clipfrac: outside [1 - c, 1 + c]."""
     token_ratio = torch.exp(new_logprobs - old_logprobs)[mask]
     seq_ratio = torch.exp(((new_logprobs - old_logprobs) * mask).sum(1))
     stats = {}
@@ -699,7 +699,7 @@ def update_metrics(accelerator, stats, first_minibatch, cliprange, **completions
     returns, values, valid = g["returns"], g["values"], g["value_mask"].bool()
     return {
         "objective/kl": g["kl"].sum(1).mean().item(),
-        # TRL's entropy counts each padding position as -1 (it fills their logprobs with 1.0); ours does not
+        # TRL's: each padding position counts -1 (TRL fills their logprobs with 1.0); entropy_no_padding: 0
         "objective/entropy": (-g["logprobs"].sum(1) - (g["response_mask"] == 0).sum(1)).mean().item(),
         "objective/entropy_no_padding": -g["logprobs"].sum(1).mean().item(),
         "objective/non_score_reward": g["non_score_reward"].mean().item(),
@@ -707,7 +707,7 @@ def update_metrics(accelerator, stats, first_minibatch, cliprange, **completions
         "objective/scores": g["scores"].mean().item(),
         **{name: per_step.mean().item() for name, per_step in stats.items()},
         "val/explained_variance": (1 - (returns - values)[valid].var() / returns[valid].var()).item(),
-        # (TRL's var() of one micro-batch's value: NaN)
+        # (of a single micro-batch: 0, where TRL's var() gives NaN)
         "val/ratio_var": stats["val/ratio"].var().item() if len(stats["val/ratio"]) > 1 else 0.0,
         **ratio_diagnostics(new, old, mask.bool(), cliprange),
     }

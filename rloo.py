@@ -11,8 +11,8 @@ baseline.
     python rloo.py --model pythia-1b --help   # every knob, with that preset's defaults
     accelerate launch --num_processes 8 rloo.py --model pythia-1b   # data parallel on 8 GPUs
 
-rloo_full.py is this file with insertions for long and large runs (resume, ZeRO-3, LoRA, reward functions, a
-separate sampler, rollout correction, gradient checkpointing, non-finite guards, phase timings): see the README.
+rloo.py is the algorithm; rloo_full.py is rloo.py with insertions for long and large runs (resume, ZeRO-3, LoRA,
+reward functions, a separate sampler, rollout correction, gradient checkpointing, non-finite guards, timings).
 """
 
 import argparse
@@ -302,7 +302,7 @@ def main(args: Args) -> None:
     parameters = list(policy.parameters())
     # fused: one kernel for all the parameters (5.5x faster than the default foreach on this CPU, also on GPUs)
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, eps=1e-8, weight_decay=0.0, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0 - update / args.num_updates)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / args.num_updates)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16 gradients underflow without it
     # Data parallel (DDP) averages the gradients over processes; generation and no-grad passes use the plain model.
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -364,7 +364,7 @@ def main(args: Args) -> None:
                     new_logprobs = output.logprobs.masked_fill(~response_mask[idx], 0.0)
                     old_logprobs = logprobs[idx]
                     if epoch == 0 and mb_start == 0 and args.old_logprobs == "forward":
-                        old_logprobs = new_logprobs.detach()  # no step yet: this pass IS the sampler (ratio 1)
+                        old_logprobs = new_logprobs.detach()  # no step yet: the sampling weights, ratio exactly 1
                     new_seq, old_seq = new_logprobs.sum(1), old_logprobs.sum(1)
 
                     loss, clipfrac = ppo_clip_loss(new_seq, old_seq, advantages[idx], args.cliprange)
@@ -587,8 +587,8 @@ def open_logs(args: Args, run_name, is_main):
 
 
 def ratio_diagnostics(new_logprobs, old_logprobs, mask, cliprange):
-    """The first minibatch's ratio, before any step, should be exactly 1: anything else is numerical mismatch of the
-    two logprob sources (bf16, KV cache, batch shape). clipfrac: ratios outside [1 - c, 1 + c], whatever the sign."""
+    """The first minibatch's ratio, before any step: exactly 1 with --old-logprobs forward (by construction); with
+    generate, anything else is numerical mismatch (bf16, KV cache, batch shape). clipfrac: outside [1 - c, 1 + c]."""
     token_ratio = torch.exp(new_logprobs - old_logprobs)[mask]
     seq_ratio = torch.exp(((new_logprobs - old_logprobs) * mask).sum(1))
     stats = {}
@@ -607,14 +607,14 @@ def update_metrics(accelerator, stats, first_minibatch, cliprange, **completions
     new, old, mask = (accelerator.gather(torch.cat(tensors)) for tensors in zip(*first_minibatch))
     return {
         "objective/kl": g["kl"].sum(1).mean().item(),
-        # TRL's entropy counts each padding position as -1 (it fills their logprobs with 1.0); ours does not
+        # TRL's: each padding position counts -1 (TRL fills their logprobs with 1.0); entropy_no_padding: 0
         "objective/entropy": (-g["logprobs"].sum(1) - (g["response_mask"] == 0).sum(1)).mean().item(),
         "objective/entropy_no_padding": -g["logprobs"].sum(1).mean().item(),
         "objective/non_score_reward": g["non_score_reward"].mean().item(),
         "objective/rlhf_reward": g["rlhf_reward"].mean().item(),
         "objective/scores": g["scores"].mean().item(),
         **{name: per_step.mean().item() for name, per_step in stats.items()},
-        # (TRL's var() of one micro-batch's value: NaN)
+        # (of a single micro-batch: 0, where TRL's var() gives NaN)
         "val/ratio_var": stats["val/ratio"].var().item() if len(stats["val/ratio"]) > 1 else 0.0,
         **ratio_diagnostics(new, old, mask.bool(), cliprange),
     }

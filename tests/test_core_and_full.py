@@ -1,7 +1,9 @@
 """Each full script is its core plus insertions: every line of rloo.py is in rloo_full.py, in order, but for the few
 named below with their reasons; nothing is inserted next to the lines a fork edits; and the two compute bitwise the
-same run (the full script's rollout-forward reuse aside, which is switched off or does not apply)."""
+same run (the full script's rollout-forward reuse aside, which is switched off or does not apply). And every script
+refuses a bad flag with one line, before the value reaches any arithmetic."""
 
+import importlib
 import os
 import subprocess
 
@@ -90,6 +92,33 @@ SEAMS = {
             "non_score_reward = -args.kl_coef * kl.sum(1)",
             '"""how many times during training a table of sample completions is shown"""'],
 }
+
+
+BAD_FLAGS = {
+    "any": [(["--response-length", "0"], "--response-length must be >= 1"),
+            (["--total-episodes", "0"], "--total-episodes must be >= 1"),
+            (["--per-device-train-batch-size", "0"], "--per-device-train-batch-size must be >= 1"),
+            (["--num-ppo-epochs", "0"], "--num-ppo-epochs must be >= 1"),
+            (["--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
+            (["--learning-rate", "-1"], "--learning-rate must be >= 0"),
+            (["--temperature", "nan"], "--temperature must be > 0")],
+    "rloo": [(["--rloo-k", "0"], "--rloo-k must be at least 2"),  # (before any arithmetic with k)
+             (["--rloo-k", "1"], "--rloo-k must be at least 2"),
+             (["--rloo-k", "3"], "--rloo-k 3 must divide")],
+    "ppo": [(["--cliprange-value", "0"], "--cliprange and --cliprange-value must be > 0"),
+            (["--lam", "1.5"], "--gamma and --lam must be within [0, 1]"),
+            (["--vf-coef", "-1"], "--vf-coef must be >= 0")],
+}
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    (script, flags, message) for script in ("rloo", "rloo_full", "ppo", "ppo_full")
+    for flags, message in BAD_FLAGS["any"] + BAD_FLAGS[script.removesuffix("_full")]])
+def test_bad_flags_get_one_line_before_any_arithmetic(script, flags, message):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exited:
+        module.check_args(module.parse_args(flags))
+    assert str(exited.value.code).startswith("error: ") and message in str(exited.value.code)
 
 
 def lines(script):

@@ -2,7 +2,6 @@
 and its refusals of bad flags and inputs, in this process."""
 
 import dataclasses
-import importlib
 import json
 from statistics import mean
 
@@ -42,25 +41,6 @@ def test_pythia_code_path_trains_logs_and_saves(pythia_like, tmp_path):
     # --track (WANDB_MODE=offline here) logs the sample completions as wandb tables.
     tables = list(output_dir.glob("wandb/offline-run-*/files/media/table/samples_*.table.json"))
     assert tables and json.load(open(tables[0]))["columns"] == ["query", "response", "score"]
-
-
-@pytest.mark.parametrize("script", ["rloo", "rloo_full"])
-@pytest.mark.parametrize("flags,message", [
-    (["--rloo-k", "0"], "--rloo-k must be at least 2"),  # (before any arithmetic with k)
-    (["--rloo-k", "1"], "--rloo-k must be at least 2"),
-    (["--rloo-k", "3"], "--rloo-k 3 must divide"),
-    (["--response-length", "0"], "--response-length must be >= 1"),
-    (["--total-episodes", "0"], "--total-episodes must be >= 1"),
-    (["--per-device-train-batch-size", "0"], "--per-device-train-batch-size must be >= 1"),
-    (["--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
-    (["--learning-rate", "-1"], "--learning-rate must be >= 0"),
-    (["--temperature", "nan"], "--temperature must be > 0"),
-])
-def test_bad_flags_get_one_line_before_any_arithmetic(script, flags, message):
-    module = importlib.import_module(script)
-    with pytest.raises(SystemExit) as exited:
-        module.check_args(module.parse_args(flags))
-    assert str(exited.value.code).startswith("error: ") and message in str(exited.value.code)
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -135,7 +135,8 @@ def write_results(prefix: str, script: str, table: str, record: dict) -> None:
 
 
 def label(row: dict) -> str:
-    return row["script"].removesuffix(".py").upper() + (f" LoRA r={row['lora_r']}" if row["lora_r"] else "")
+    name = row["script"].removesuffix(".py").removesuffix("_full").upper()  # (measured on the full scripts)
+    return name + (f" LoRA r={row['lora_r']}" if row["lora_r"] else "")
 
 
 def plot(rows: list, path: str, device: str) -> None:

@@ -47,7 +47,8 @@ CHANGED = {
         "queries = next(batches).repeat(args.rloo_k, 1).to(device)  # (k * B, Tq)": "--reward-fn: the rows",
         "unwrapped_policy, chunk_query_responses, chunk_attention_mask, context_length, temperature).logprobs":
             "--top-p-logprobs renormalized",
-        "with autocast(), accelerator.accumulate(policy):  # (DDP averages at the last micro-batch)": "the phase timings",
+        "with autocast(), accelerator.accumulate(policy):  # (DDP averages at the last micro-batch)":
+            "the phase timings",
         "temperature)  # everything the loss below may use": "--top-p-logprobs renormalized",
         "rlhf_reward=rlhf_reward, scores=scores),": "--reward-fn's unscored count and the rollout/* diagnostics",
         "def load_models(args: Args, dtype, device, tokenizer, prompts):": "DeepSpeed's stage and config",
@@ -150,7 +151,7 @@ def test_the_cores_are_short_and_their_loop_comes_early():
     for algorithm, most in (("rloo", 650), ("ppo", 750)):
         core = lines(f"{algorithm}.py")
         start = next(i for i, line in enumerate(core) if line.startswith("    for update in range("))
-        end = next(i for i in range(start + 1, len(core)) if core[i].startswith("    ") and not core[i].startswith("     "))
+        end = next(i for i in range(start + 1, len(core)) if core[i].startswith("    ") and core[i][4] != " ")
         loop = "\n".join(core[start:end]).strip().splitlines()
         assert len(core) <= most and start < 400 and len(loop) <= 100, (algorithm, len(core), start, len(loop))
 
@@ -193,9 +194,9 @@ def test_the_core_and_its_full_script_compute_the_same_run(tmp_path, algorithm, 
 @pytest.mark.parametrize("algorithm", ["rloo", "ppo"])
 def test_the_core_and_its_full_script_compute_the_same_run_on_the_pythia_code_path_under_bf16(pythia_like, tmp_path,
                                                                                           algorithm):
-    def flags(output_dir):
-        return [*pythia_flags(pythia_like, output_dir, "--total-episodes", "32"), "--dtype", "bf16",
-                "--num-sample-generations", "0"]
+    def flags(output_dir):  # 2 updates: RLOO's preset takes 16 completions per update, PPO's 8
+        return [*pythia_flags(pythia_like, output_dir, "--total-episodes", "32" if algorithm == "rloo" else "16"),
+                "--dtype", "bf16", "--num-sample-generations", "0"]
 
     for script in (f"{algorithm}.py", f"{algorithm}_full.py"):
         result = run_script(script, *flags(tmp_path / script))
@@ -209,7 +210,9 @@ def test_the_core_and_its_full_script_compute_the_same_run_on_the_pythia_code_pa
 def test_training_on_the_rollout_forward_moves_update_one_by_rounding_only(tmp_path, algorithm, capsys):
     # The default preset: the full script trains its first epoch on the rollout's own forward (one pass fewer), the
     # core on a separate training forward over the same completions (shuffled). The same computation, rounded in
-    # another order: update 1's gradient norm and weights agree to rounding, and are reported.
+    # another order: update 1's gradient norm agrees to rounding, and so do the weights, up to AdamW's step: a
+    # parameter whose gradient is near 0 moves by about the learning rate (1e-4) whatever its size, so a rounding
+    # difference there can move it by that much (PPO's update is 4 steps). Both are reported.
     core = train(f"{algorithm}.py", tmp_path / "core", "--total-episodes", "64")
     full = train(f"{algorithm}_full.py", tmp_path / "full", "--total-episodes", "64")
     (core_metrics,), (full_metrics,) = read_metrics(core), read_metrics(full)
@@ -219,4 +222,4 @@ def test_training_on_the_rollout_forward_moves_update_one_by_rounding_only(tmp_p
     with capsys.disabled():
         print(f"\n{algorithm}, update 1, reuse on vs off: grad_norm relative difference {norm:.2e}, "
               f"weights max |difference| {weights:.2e}")
-    assert norm < 1e-5 and weights < 1e-6
+    assert norm < 1e-5 and weights < 1e-4

@@ -380,6 +380,9 @@ def run_trl(world, case, output):
     import numpy as np
     import torch
     import trl
+
+    if trl.__version__ != "0.21.0":  # the fixture pins TRL 0.21.0's numbers
+        sys.exit(f"error: the TRL side needs trl==0.21.0, not {trl.__version__}; give --trl-python a venv with it")
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl.trainer import ppo_trainer, rloo_trainer
@@ -546,6 +549,9 @@ def compare(ours, theirs, ours_weights=None, theirs_weights=None, initial=None):
             if name == "kl":
                 real = [x for x in flatten(trl["tensors"]["ref_logprobs"]) if x is not None]
                 note("kl / |ref_logprobs|", relative_difference(mine["tensors"][name], value, math.hypot(*real)))
+                # and against the KL itself, each completion's sum: a 1% error in the KL shows here
+                note("kl, per-completion sums", relative_difference(*(
+                    [sum(x for x in row if x is not None) for row in kl] for kl in (mine["tensors"][name], value))))
             elif name == "non_score_reward":
                 note("non_score_reward / (kl_coef |sum ref_logprobs|)", relative_difference(
                     mine["tensors"][name], value, KL_COEF * math.hypot(*sums)))

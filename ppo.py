@@ -444,7 +444,6 @@ def main(args: Args) -> None:
                     if epoch == 0 and mb_start == 0 and args.old_logprobs == "forward":
                         old_logprobs = new_logprobs.detach()  # no step yet: the sampling weights, ratio exactly 1
                     mask, vmask = loss_mask[idx], value_mask[idx]
-
                     loss, clipfrac = ppo_clip_loss(new_logprobs[mask], old_logprobs[mask], advantages[idx][mask],
                                                    args.cliprange)
                     vf_loss, vf_clipfrac = clipped_value_loss(new_values[vmask], values[idx][vmask],

@@ -728,7 +728,6 @@ def main(args: Args) -> None:
                     if epoch == 0 and mb_start == 0 and args.old_logprobs == "forward":
                         old_logprobs = new_logprobs.detach()  # no step yet: the sampling weights, ratio exactly 1
                     mask, vmask = loss_mask[idx], value_mask[idx]
-
                     loss, clipfrac = ppo_clip_loss(new_logprobs[mask], old_logprobs[mask], advantages[idx][mask],
                                                    args.cliprange)
                     vf_loss, vf_clipfrac = clipped_value_loss(new_values[vmask], values[idx][vmask],
@@ -985,7 +984,10 @@ SCRIPT_SHA256 = hashlib.sha256(open(__file__, "rb").read()).hexdigest()
 def reward_fn_sha256(spec):
     """The hash of --reward-fn's file (`path/to/file.py:function`, or a module's file on the path); "" without one."""
     module_name = spec.rpartition(":")[0]
-    found = importlib.util.find_spec(module_name) if module_name and not module_name.endswith(".py") else None
+    try:  # (a module that cannot be found is load_reward_fn's one-line error, later)
+        found = importlib.util.find_spec(module_name) if module_name and not module_name.endswith(".py") else None
+    except (ImportError, ValueError):
+        found = None
     path = module_name if module_name.endswith(".py") else getattr(found, "origin", None)
     return hashlib.sha256(open(path, "rb").read()).hexdigest() if path and os.path.isfile(path) else ""
 

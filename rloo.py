@@ -366,7 +366,6 @@ def main(args: Args) -> None:
                     if epoch == 0 and mb_start == 0 and args.old_logprobs == "forward":
                         old_logprobs = new_logprobs.detach()  # no step yet: the sampling weights, ratio exactly 1
                     new_seq, old_seq = new_logprobs.sum(1), old_logprobs.sum(1)
-
                     loss, clipfrac = ppo_clip_loss(new_seq, old_seq, advantages[idx], args.cliprange)
 
                     with torch.no_grad():  # TRL's statistics; val/ratio's is per token, padding's ratio being 1

@@ -408,16 +408,16 @@ def main(args: Args) -> None:
                                chunk_values))
         responses, response_mask, logprobs, ref_logprobs, scores, values = map(torch.cat, zip(*chunks))  # (B, R), (B,)
         logprobs, ref_logprobs = (x.masked_fill(~response_mask, 0.0) for x in (logprobs, ref_logprobs))
-        loss_mask, value_mask = response_mask, value_positions(response_mask)
-        values = values.masked_fill(~value_mask, 0.0)
+        kl = logprobs - ref_logprobs  # (B, R): each token's k1 KL to the reference, zero after the stop token
+        if args.missing_eos_penalty is not None:  # the EOS trick: a completion that never ended loses this much score
+            scores = torch.where((responses == eos_id).any(1), scores, scores - args.missing_eos_penalty)
         query_responses = torch.cat([queries, responses], 1)
         attention_masks = torch.cat([queries != pad_id, response_mask], 1)
+        loss_mask, value_mask = response_mask, value_positions(response_mask)
+        values = values.masked_fill(~value_mask, 0.0)
 
-        # 4. KL-penalised reward: the EOS trick; every token is an action, rewarded -kl_coef x its k1 KL, the score
-        #    comes one step after the EOS token.
-        if args.missing_eos_penalty is not None:
-            scores = torch.where((responses == eos_id).any(1), scores, scores - args.missing_eos_penalty)
-        kl = logprobs - ref_logprobs  # (B, R), zero after the stop token
+        # 4. KL-penalised reward: every token is an action, rewarded -kl_coef x its KL; the score (the EOS trick's
+        #    penalty in it) comes one step after the EOS token.
         rewards = token_rewards(scores, kl, response_mask, args.kl_coef)  # (rlhf_reward below: for the log)
         non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward
@@ -503,7 +503,7 @@ def main(args: Args) -> None:
 FULL_ONLY = set("""save-every keep-checkpoints resume overwrite resume-anyway reward-fn reward-model-weight
     reward-fn-weight sampler-dtype sampler-sync-every top-p top-p-logprobs rollout-correction rollout-correction-cap
     gradient-checkpointing lora-r lora-alpha lora-dropout lora-target-modules merge-lora-on-save
-    train-on-rollout-forward pythia-6.9b""".split())
+    train-on-rollout-forward pythia-6.9b stop-token-id kl-estimator""".split())
 
 
 def parse_args(argv=None) -> Args:

@@ -114,6 +114,9 @@ class Args:
     """sampling temperature; logprobs are of the same tempered distribution"""
     stop_token: Optional[Literal["eos"]] = "eos"
     """end a completion at this token (None: always response_length tokens)"""
+    stop_token_id: Optional[int] = None
+    """end a completion at this token id instead (TRL's option; it needs --stop-token None). The EOS trick still
+    looks for the EOS token"""
     missing_eos_penalty: Optional[float] = 1.0
     """subtracted from the score of completions without an EOS token (the EOS trick; None: off)"""
 
@@ -132,6 +135,9 @@ class Args:
     """GAE lambda"""
     whiten_rewards: bool = False
     """whiten the per-token rewards over the batch before GAE"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """the per-token KL in the reward, of r = p_ref / p at the sampled token: k1 = -log r, or k3 = (r - 1) - log r
+    (Schulman's estimators, as TRL's PPOTrainer option: both unbiased, k3 never negative and of lower variance)"""
     num_ppo_epochs: int = 4
     """passes of optimisation over each batch of completions"""
     num_mini_batches: int = 1
@@ -577,6 +583,11 @@ def main(args: Args) -> None:
         sys.exit("error: the tokenizer needs an EOS token and a pad token distinct from it; check --tokenizer-path")
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     stop_id = eos_id if args.stop_token == "eos" else None
+    if args.stop_token_id is not None:
+        if not 0 <= args.stop_token_id < len(tokenizer):
+            sys.exit(f"error: --stop-token-id {args.stop_token_id} is not a token id of this tokenizer (0 to "
+                     f"{len(tokenizer) - 1})")
+        stop_id = args.stop_token_id
     prompts, columns = load_prompts(args, tokenizer, accelerator)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
 
@@ -672,23 +683,26 @@ def main(args: Args) -> None:
                         chunk_scores = chunk_scores + args.reward_fn_weight * chunk_function_scores(
                             reward_fn, tokenizer, chunk_queries, chunk_responses, chunk_mask,
                             rows[i : i + args.local_rollout_forward_batch_size], columns)
+                sampler_chunks.append(sampled_logprobs)
                 chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores,
                                chunk_values))
-                sampler_chunks.append(sampled_logprobs)
         responses, response_mask, logprobs, ref_logprobs, scores, values = map(torch.cat, zip(*chunks))  # (B, R), (B,)
         logprobs, ref_logprobs = (x.masked_fill(~response_mask, 0.0) for x in (logprobs, ref_logprobs))
-        sampler_logprobs = torch.cat(sampler_chunks)
-        scored = ~scores.isnan()  # False where --reward-fn returned None: out of the whitening and of both losses
-        loss_mask, value_mask = response_mask & scored[:, None], value_positions(response_mask) & scored[:, None]
-        values = values.masked_fill(~value_mask, 0.0)
+        kl = logprobs - ref_logprobs  # (B, R): each token's k1 KL to the reference, zero after the stop token
+        if args.missing_eos_penalty is not None:  # the EOS trick: a completion that never ended loses this much score
+            scores = torch.where((responses == eos_id).any(1), scores, scores - args.missing_eos_penalty)
         query_responses = torch.cat([queries, responses], 1)
         attention_masks = torch.cat([queries != pad_id, response_mask], 1)
+        sampler_logprobs = torch.cat(sampler_chunks)
+        scored = ~scores.isnan()  # False where --reward-fn returned None: out of the whitening and of both losses
+        if args.kl_estimator == "k3":  # as TRL's PPOTrainer; 0 after the stop token, as k1
+            log_ratio = -kl  # log p_ref - log p
+            kl = (log_ratio.exp() - 1) - log_ratio
+        loss_mask, value_mask = response_mask & scored[:, None], value_positions(response_mask) & scored[:, None]
+        values = values.masked_fill(~value_mask, 0.0)
 
-        # 4. KL-penalised reward: the EOS trick; every token is an action, rewarded -kl_coef x its k1 KL, the score
-        #    comes one step after the EOS token.
-        if args.missing_eos_penalty is not None:
-            scores = torch.where((responses == eos_id).any(1), scores, scores - args.missing_eos_penalty)
-        kl = logprobs - ref_logprobs  # (B, R), zero after the stop token
+        # 4. KL-penalised reward: every token is an action, rewarded -kl_coef x its KL; the score (the EOS trick's
+        #    penalty in it) comes one step after the EOS token.
         rewards = token_rewards(scores, kl, response_mask, args.kl_coef)  # (rlhf_reward below: for the log)
         non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward
@@ -809,7 +823,7 @@ def main(args: Args) -> None:
 FULL_ONLY = set("""save-every keep-checkpoints resume overwrite resume-anyway reward-fn reward-model-weight
     reward-fn-weight sampler-dtype sampler-sync-every top-p top-p-logprobs rollout-correction rollout-correction-cap
     gradient-checkpointing lora-r lora-alpha lora-dropout lora-target-modules merge-lora-on-save
-    train-on-rollout-forward pythia-6.9b""".split())
+    train-on-rollout-forward pythia-6.9b stop-token-id kl-estimator""".split())
 FULL_ONLY = set()  # (this is ppo_full.py)
 
 
@@ -843,6 +857,8 @@ def check_args(args: Args) -> None:
         (not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1), "--gamma and --lam must be within [0, 1]"),
         (not args.vf_coef >= 0, f"--vf-coef must be >= 0 (got {args.vf_coef})"),
         (args.save_every < 1 or args.keep_checkpoints < 1, "--save-every and --keep-checkpoints must be >= 1"),
+        (args.stop_token is not None and args.stop_token_id is not None, "--stop-token-id needs --stop-token None "
+         "(the default is eos): one stop token at a time"),
         (args.resume and args.overwrite, "--resume and --overwrite contradict each other; pass one"),
         (args.resume and not args.output_dir, "--resume needs --output-dir: the directory of the run to continue"),
         (args.reward_model_path == "none" and not args.reward_fn, "--reward-model-path none leaves no score: give "

@@ -337,13 +337,14 @@ def main(args: Args) -> None:
                 chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores))
         responses, response_mask, logprobs, ref_logprobs, scores = map(torch.cat, zip(*chunks))  # (k * B, R), (k * B,)
         logprobs, ref_logprobs = (x.masked_fill(~response_mask, 0.0) for x in (logprobs, ref_logprobs))
+        kl = logprobs - ref_logprobs  # (k * B, R): each token's k1 KL to the reference, zero after the stop token
+        if args.missing_eos_penalty is not None:  # the EOS trick: a completion that never ended loses this much score
+            scores = torch.where((responses == eos_id).any(1), scores, scores - args.missing_eos_penalty)
         query_responses = torch.cat([queries, responses], 1)
         attention_masks = torch.cat([queries != pad_id, response_mask], 1)
 
-        # 4. KL-penalised reward: the EOS trick, then one action's reward: the score minus kl_coef x its summed k1 KL.
-        if args.missing_eos_penalty is not None:
-            scores = torch.where((responses == eos_id).any(1), scores, scores - args.missing_eos_penalty)
-        kl = logprobs - ref_logprobs  # (k * B, R), zero after the stop token
+        # 4. KL-penalised reward: one action per completion, rewarded its score (the EOS trick's penalty in it) minus
+        #    kl_coef x its summed KL.
         non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward
 
@@ -416,7 +417,8 @@ def main(args: Args) -> None:
 FULL_ONLY = set("""save-every keep-checkpoints resume overwrite resume-anyway reward-fn reward-model-weight
     reward-fn-weight sampler-dtype sampler-sync-every top-p top-p-logprobs rollout-correction rollout-correction-cap
     gradient-checkpointing lora-r lora-alpha lora-dropout lora-target-modules merge-lora-on-save
-    train-on-rollout-forward pythia-6.9b""".split())
+    train-on-rollout-forward pythia-6.9b stop-token-id normalize-reward reward-clip-range
+    normalize-advantage""".split())
 
 
 def parse_args(argv=None) -> Args:

@@ -112,6 +112,9 @@ class Args:
     """sampling temperature; logprobs are of the same tempered distribution"""
     stop_token: Optional[Literal["eos"]] = "eos"
     """end a completion at this token (None: always response_length tokens)"""
+    stop_token_id: Optional[int] = None
+    """end a completion at this token id instead (TRL's option; it needs --stop-token None). The EOS trick still
+    looks for the EOS token"""
     missing_eos_penalty: Optional[float] = 1.0
     """subtracted from the score of completions without an EOS token (the EOS trick; None: off)"""
 
@@ -129,6 +132,13 @@ class Args:
     old_logprobs: Literal["forward", "generate"] = "forward"
     """the sampling policy's logprobs (KL penalty, ratio): a `forward` pass (the first minibatch's ratio is exactly 1)
     or the sampling pass's own (as TRL 0.11 takes generate()'s; under bf16 they differ: docs/bf16_ratio.md)"""
+    normalize_reward: bool = False
+    """whiten the scores (after the EOS trick) over this process's batch, then clip them to +-reward_clip_range,
+    as TRL's RLOOTrainer option"""
+    reward_clip_range: float = 10.0
+    """the clip of --normalize-reward"""
+    normalize_advantage: bool = False
+    """whiten the advantages over this process's batch, as TRL's RLOOTrainer option"""
 
     # When the sampler is not the learner (docs/sampler_vs_learner.md): a sampler copy, and rollout correction
     sampler_dtype: Literal["same", "fp32", "bf16", "fp16"] = "same"
@@ -245,6 +255,13 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, cliprange):
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     return torch.max(unclipped, clipped).mean(), (clipped > unclipped).float().mean()
+
+
+def whitened(values, scored):
+    """(values - mean) / (std + 1e-8) over the scored completions (those a --reward-fn did not leave out), the others
+    as they were: TRL's RLOOTrainer's normalize_reward and normalize_advantage (its std is torch's unbiased one)."""
+    kept = values[scored]
+    return torch.where(scored, (values - kept.mean()) / (kept.std() + 1e-8), values)
 
 
 def rollout_weights(log_ratio, mask, mode, cap):
@@ -506,6 +523,11 @@ def main(args: Args) -> None:
         sys.exit("error: the tokenizer needs an EOS token and a pad token distinct from it; check --tokenizer-path")
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     stop_id = eos_id if args.stop_token == "eos" else None
+    if args.stop_token_id is not None:
+        if not 0 <= args.stop_token_id < len(tokenizer):
+            sys.exit(f"error: --stop-token-id {args.stop_token_id} is not a token id of this tokenizer (0 to "
+                     f"{len(tokenizer) - 1})")
+        stop_id = args.stop_token_id
     prompts, columns = load_prompts(args, tokenizer, accelerator)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
 
@@ -600,19 +622,22 @@ def main(args: Args) -> None:
                         chunk_scores = chunk_scores + args.reward_fn_weight * chunk_function_scores(
                             reward_fn, tokenizer, chunk_queries, chunk_responses, chunk_mask,
                             rows[i : i + args.local_rollout_forward_batch_size], columns)
-                chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores))
                 sampler_chunks.append(sampled_logprobs)
+                chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores))
         responses, response_mask, logprobs, ref_logprobs, scores = map(torch.cat, zip(*chunks))  # (k * B, R), (k * B,)
         logprobs, ref_logprobs = (x.masked_fill(~response_mask, 0.0) for x in (logprobs, ref_logprobs))
+        kl = logprobs - ref_logprobs  # (k * B, R): each token's k1 KL to the reference, zero after the stop token
+        if args.missing_eos_penalty is not None:  # the EOS trick: a completion that never ended loses this much score
+            scores = torch.where((responses == eos_id).any(1), scores, scores - args.missing_eos_penalty)
         query_responses = torch.cat([queries, responses], 1)
         attention_masks = torch.cat([queries != pad_id, response_mask], 1)
         sampler_logprobs = torch.cat(sampler_chunks)
         scored = ~scores.isnan()  # False where --reward-fn returned None: advantage 0, see rloo_advantages
+        if args.normalize_reward:  # as TRL's RLOOTrainer: after the EOS trick, before the KL is subtracted
+            scores = whitened(scores, scored).clamp(-args.reward_clip_range, args.reward_clip_range)
 
-        # 4. KL-penalised reward: the EOS trick, then one action's reward: the score minus kl_coef x its summed k1 KL.
-        if args.missing_eos_penalty is not None:
-            scores = torch.where((responses == eos_id).any(1), scores, scores - args.missing_eos_penalty)
-        kl = logprobs - ref_logprobs  # (k * B, R), zero after the stop token
+        # 4. KL-penalised reward: one action per completion, rewarded its score (the EOS trick's penalty in it) minus
+        #    kl_coef x its summed KL.
         non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward
 
@@ -622,6 +647,8 @@ def main(args: Args) -> None:
         # 6. Loss: PPO-clip on the sequence-level ratio, over epochs x minibatches x accumulated micro-batches.
         stats = collections.defaultdict(list)  # logged as the mean over the update, each under its name
         first_minibatch = []  # (new, old logprobs, mask) of each micro-batch, for the ratio diagnostics
+        if args.normalize_advantage:  # as TRL's RLOOTrainer, on the leave-one-out advantages
+            advantages = whitened(advantages, scored)
         for name, value in (("score", scores[scored]), ("KL", kl)):
             if not torch.isfinite(value).all():  # in every dtype: nothing good is learnt from a NaN reward
                 stop_non_finite(update, name)
@@ -720,7 +747,8 @@ def main(args: Args) -> None:
 FULL_ONLY = set("""save-every keep-checkpoints resume overwrite resume-anyway reward-fn reward-model-weight
     reward-fn-weight sampler-dtype sampler-sync-every top-p top-p-logprobs rollout-correction rollout-correction-cap
     gradient-checkpointing lora-r lora-alpha lora-dropout lora-target-modules merge-lora-on-save
-    train-on-rollout-forward pythia-6.9b""".split())
+    train-on-rollout-forward pythia-6.9b stop-token-id normalize-reward reward-clip-range
+    normalize-advantage""".split())
 FULL_ONLY = set()  # (this is rloo_full.py)
 
 
@@ -752,7 +780,10 @@ def check_args(args: Args) -> None:
         (not args.max_grad_norm > 0, f"--max-grad-norm must be > 0 (got {args.max_grad_norm})"),
         (not args.kl_coef >= 0, f"--kl-coef must be >= 0 (got {args.kl_coef})"),
         (not args.cliprange > 0, f"--cliprange must be > 0 (got {args.cliprange})"),
+        (not args.reward_clip_range > 0, f"--reward-clip-range must be > 0 (got {args.reward_clip_range})"),
         (args.save_every < 1 or args.keep_checkpoints < 1, "--save-every and --keep-checkpoints must be >= 1"),
+        (args.stop_token is not None and args.stop_token_id is not None, "--stop-token-id needs --stop-token None "
+         "(the default is eos): one stop token at a time"),
         (args.resume and args.overwrite, "--resume and --overwrite contradict each other; pass one"),
         (args.resume and not args.output_dir, "--resume needs --output-dir: the directory of the run to continue"),
         (args.reward_model_path == "none" and not args.reward_fn, "--reward-model-path none leaves no score: give "

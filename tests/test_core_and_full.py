@@ -109,12 +109,18 @@ BAD_FLAGS = {
     "ppo": [(["--cliprange-value", "0"], "--cliprange and --cliprange-value must be > 0"),
             (["--lam", "1.5"], "--gamma and --lam must be within [0, 1]"),
             (["--vf-coef", "-1"], "--vf-coef must be >= 0")],
+    # TRL's stop_token and stop_token_id: TRL's RLOO lets stop_token=eos override the id; its PPO raises unless the
+    # id is 0 (Pythia's EOS). Here any two given together are refused.
+    "full": [(["--stop-token-id", "5"], "--stop-token-id needs --stop-token None"),
+             (["--stop-token", "eos", "--stop-token-id", "0"], "--stop-token-id needs --stop-token None")],
+    "rloo_full": [(["--normalize-reward", "--reward-clip-range", "0"], "--reward-clip-range must be > 0")],
 }
 
 
 @pytest.mark.parametrize("script,flags,message", [
     (script, flags, message) for script in ("rloo", "rloo_full", "ppo", "ppo_full")
-    for flags, message in BAD_FLAGS["any"] + BAD_FLAGS[script.removesuffix("_full")]])
+    for flags, message in BAD_FLAGS["any"] + BAD_FLAGS[script.removesuffix("_full")]
+    + (BAD_FLAGS["full"] + BAD_FLAGS.get(script, []) if script.endswith("_full") else [])])
 def test_bad_flags_get_one_line_before_any_arithmetic(script, flags, message):
     module = importlib.import_module(script)
     with pytest.raises(SystemExit) as exited:

@@ -80,7 +80,11 @@ def test_mismatched_models_and_bad_data_are_named_before_anything_is_written(pyt
     flags = pythia_flags(pythia_like, tmp_path / "vocab", "--total-episodes", "16", "--reward-model-path",
                          str(tmp_path / "small_reward"))
     assert "more than the 5 embeddings of the model at --reward-model-path" in refused(rloo, flags)
-    assert not (tmp_path / "none").exists() and not (tmp_path / "vocab").exists()
+    # A stop token that the tokenizer does not have would never stop a completion.
+    flags = pythia_flags(pythia_like, tmp_path / "stop", "--total-episodes", "16", "--stop-token", "None",
+                         "--stop-token-id", "1000000")
+    assert "--stop-token-id 1000000 is not a token id of this tokenizer" in refused(rloo_full, flags)
+    assert not any((tmp_path / name).exists() for name in ("none", "vocab", "stop"))
 
 
 def test_unknown_preset_and_the_full_scripts_flags_are_refused_with_one_line(capsys):

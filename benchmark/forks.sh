@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# README "Fork it": each diff in benchmark/forks/ (made against a core) applied to a copy of its full script (the
-# patch fails loudly if the seam it edits has moved), and the rule reward of benchmark/forks/rule_reward.py given as --reward-fn, each trained on the
+# README "Fork it": the everyday forks in benchmark/forks/ (an entropy bonus for each algorithm; the field's variants
+# are benchmark/variants.sh's) applied to copies of the full scripts, and the rule reward of
+# benchmark/forks/rule_reward.py given as --reward-fn, each trained on the
 # tiny world over $SEEDS at the tiny preset's settings; then one table with the gold win rate beside the unforked
 # scripts' runs of benchmark/tiny.sh (the same settings, in $BASELINE).
 #   bash benchmark/forks.sh                  # about 15 minutes on 2 CPU cores (after benchmark/tiny.sh)
@@ -13,18 +14,12 @@ RUNS=${RUNS:-runs/forks}
 BASELINE=${BASELINE:-runs/tiny}
 
 dirs=()
-for diff in benchmark/forks/*.diff; do
-  name=$(basename "$diff" .diff)
-  # Made against the core, the diff trains here on the full script (its runs resume): the same lines, insertions aside.
-  script=$(sed -n 's|^--- a/||p' "$diff" | head -n 1)
-  script=${script%.py}_full.py
-  run mkdir -p "$RUNS/src/$name"
-  run cp "$script" "$RUNS/src/$name/$script"
-  run patch --forward --quiet --reject-file=- "$RUNS/src/$name/$script" "$diff"
+for name in entropy_bonus_rloo entropy_bonus_ppo; do
+  script=$(forked_script "benchmark/forks/$name.diff" "$RUNS/src/$name")
   for seed in $SEEDS; do
     dirs+=("$RUNS/${name}_$seed")
     # The fork imports the project's modules (tiny_world) from here.
-    train "$RUNS/${name}_$seed" env PYTHONPATH=. "$PYTHON" "$RUNS/src/$name/$script" --exp-name "$name" \
+    train "$RUNS/${name}_$seed" env PYTHONPATH=. "$PYTHON" "$script" --exp-name "$name" \
       --seed "$seed" --total-episodes "$EPISODES" --num-sample-generations 0
   done
 done

@@ -8,6 +8,18 @@ tiny_defaults() {
   RESULTS=${RESULTS:-benchmark/results}
 }
 
+# forked_script DIFF DIR: a copy of DIFF's full script in DIR with DIFF applied (made against the core, the diff applies
+# to the full script, whose runs resume: the same lines, insertions aside; patch fails loudly if a seam has moved).
+forked_script() {
+  local script
+  script=$(sed -n 's|^--- a/||p' "$1" | head -n 1)
+  script=${script%.py}_full.py
+  run mkdir -p "$2" >&2
+  run cp "$script" "$2/$script" >&2
+  run patch --forward --quiet --reject-file=- "$2/$script" "$1" >&2
+  echo "$2/$script"
+}
+
 run() {
   echo "+ $(printf '%q ' "$@")"
   if [ "${DRY_RUN:-0}" != 1 ]; then "$@"; fi

@@ -22,6 +22,7 @@ do not depend on the transformers version that builds them (tests/test_trl_parit
 """
 
 import argparse
+import collections
 import contextlib
 import importlib
 import inspect
@@ -61,6 +62,22 @@ CASES = {
         script="ppo", updates=2, epochs=1, per_device=8, accumulation=1, minibatches=1, rollout_chunk=8, lr=0.03,
         completions="early_completions", trl_stops_at_eos=True),
 }
+# TRL 0.21's options, each run on both sides with it on: `options` in TRL's names, which are the full scripts' flags
+# too ("STOP": the world's stop token). `trl_options` are TRL's alone: token_level_kl is measured against the
+# scripts' sequence-level KL, which it should equal up to rounding (TRL sums the per-token penalty back up).
+RLOO_1 = dict(CASES["rloo, 1 epoch"])
+PPO_1 = dict(CASES["ppo, 1 epoch"])
+CASES.update({
+    "rloo, normalize_reward (clipped at 1)": dict(RLOO_1, options=dict(normalize_reward=True, reward_clip_range=1.0)),
+    "rloo, normalize_advantage": dict(RLOO_1, options=dict(normalize_advantage=True)),
+    # TRL's RLOO does not give generate() the stop token: it samples on to the EOS and cuts the completion at the
+    # stop token after, but val/num_eos_tokens counts the EOS tokens of the uncut completions.
+    "rloo, stop_token_id": dict(RLOO_1, options=dict(stop_token=None, stop_token_id="STOP"),
+                                differs=["metric val/num_eos_tokens"]),
+    "rloo, token_level_kl (TRL only: the scripts' sequence KL)": dict(RLOO_1, trl_options=dict(token_level_kl=True)),
+    "ppo, kl_estimator k3": dict(PPO_1, options=dict(kl_estimator="k3")),
+    "ppo, stop_token_id": dict(PPO_1, options=dict(stop_token=None, stop_token_id="STOP")),
+})
 KL_COEF, CLIPRANGE, MISSING_EOS_PENALTY = 0.05, 0.2, 1.0
 
 
@@ -141,8 +158,11 @@ def build_world(root, size):
     for k, (cid, raw) in enumerate(completions.items()):
         position = [2, 5, 0, 6, 3, 1, 4, 6][k % 8]
         early_completions[cid] = [t if t != EOS else 2 for t in raw[:position]] + [EOS] * (RESPONSE_LENGTH - position)
+    # The stop token of the stop_token_id cases: the completions' most frequent token other than EOS
+    counts = collections.Counter(t for raw in completions.values() for t in raw if t != EOS)
+    stop_token_id = min(counts, key=lambda t: (-counts[t], t))
     world = {"paths": paths, "prompts": prompts, "completions": completions, "early_completions": early_completions,
-             "size": size, "checksum": weights_checksum(paths)}
+             "stop_token_id": stop_token_id, "size": size, "checksum": weights_checksum(paths)}
     with open(os.path.join(root, "world.json"), "w") as f:
         json.dump(world, f)
     return world
@@ -162,6 +182,18 @@ def weights_checksum(paths):
 # ----------------------------------------------------------------------------------------------
 # What both sides share: the fixed samples, the minibatch order, and what is recorded.
 # ----------------------------------------------------------------------------------------------
+
+
+def options(case, world, side):
+    """The case's TRL options on this side, the world's stop token in the place of "STOP"."""
+    chosen = {**case.get("options", {}), **(case.get("trl_options", {}) if side == "trl" else {})}
+    return {name: world["stop_token_id"] if value == "STOP" else value for name, value in chosen.items()}
+
+
+def flags(chosen):
+    """TRL options as the full scripts' flags of the same names."""
+    return [word for name, value in chosen.items() for word in
+            ([f"--{name.replace('_', '-')}"] if value is True else [f"--{name.replace('_', '-')}", str(value)])]
 
 
 class Recorder:
@@ -271,7 +303,7 @@ def rows(tensor, mask=None):
 # ----------------------------------------------------------------------------------------------
 
 
-def run_ours(world, case, output, full_script=False):
+def run_ours(world, case, output, full_script=False, precision="fp32"):
     import torch
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -327,9 +359,9 @@ def run_ours(world, case, output, full_script=False):
         recorder.losses.append({"policy": v["loss"].item(), "scale": advantages.abs().mean().item(),
                                 **({} if rloo else {"value": v["vf_loss"].item()})})
 
-    flags = ["--sft-model-path", world["paths"]["sft"], "--reward-model-path", world["paths"]["reward"],
+    arguments = ["--sft-model-path", world["paths"]["sft"], "--reward-model-path", world["paths"]["reward"],
              "--dataset-name", world["paths"]["prompts"], "--output-dir", os.path.join(output + ".run"),
-             "--dtype", "fp32", "--seed", "1", "--response-length", str(RESPONSE_LENGTH),
+             "--dtype", precision, "--seed", "1", "--response-length", str(RESPONSE_LENGTH),
              "--temperature", str(TEMPERATURE), "--stop-token", "eos",
              "--missing-eos-penalty", str(MISSING_EOS_PENALTY),
              "--kl-coef", str(KL_COEF), "--cliprange", str(CLIPRANGE), "--num-ppo-epochs", str(case["epochs"]),
@@ -338,8 +370,8 @@ def run_ours(world, case, output, full_script=False):
              str(case["rollout_chunk"]), "--total-episodes", str(case["updates"] * batch), "--learning-rate",
              str(case["lr"] * SIZES[world["size"]][4]), "--max-grad-norm", "1e30", "--max-prompt-length", "64",
              *(["--rloo-k", "2"] if rloo else ["--vf-coef", "0.1", "--cliprange-value", "0.2", "--gamma", "1.0",
-                                               "--lam", "0.95"])]
-    args = module.parse_args(flags)
+                                               "--lam", "0.95"]), *flags(options(case, world, "ours"))]
+    args = module.parse_args(arguments)
     shutil.rmtree(output + ".run", ignore_errors=True)  # (a run of an earlier call)
     hook = register_optimizer_step_pre_hook(recorder.optimizer_step)
     module.sample, torch.randperm, torch.optim.AdamW = fixed_sample, fixed_randperm, SGD
@@ -376,7 +408,7 @@ def finish(recorder, metrics, state, output):
 # ----------------------------------------------------------------------------------------------
 
 
-def run_trl(world, case, output):
+def run_trl(world, case, output, precision="fp32"):
     import numpy as np
     import torch
     import trl
@@ -397,6 +429,7 @@ def run_trl(world, case, output):
     sizes = {**case, **case.get("trl", {})}
     batch = case["per_device"] * case["accumulation"] * case["minibatches"]
     recorder = Recorder(world, batch, case.get("completions", "completions"))
+    chosen = options(case, world, "trl")
     tokenizer = load_tokenizer(world["paths"]["sft"])
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (EOS, PAD)
 
@@ -406,6 +439,9 @@ def run_trl(world, case, output):
         completions = torch.tensor([recorder.completion(cid) for cid in recorder.identify(queries)])
         if case.get("trl_stops_at_eos"):  # as wide as the longest completion, as PPOTrainer's generate() stops
             completions = completions[:, : int((completions == EOS).int().argmax(1).max()) + 1]
+        stop = chosen.get("stop_token_id")
+        if stop is not None and not rloo:  # PPOTrainer makes it generate()'s EOS: a row that sampled it goes on with it
+            completions = completions.masked_fill((completions == stop).cumsum(1) > 0, stop)
         query_responses = torch.cat([queries, completions], 1)
         with torch.no_grad():  # in the chunks TRL's reference forward takes, so that its first KL is exactly 0
             logits = torch.cat([trl_forward(model, chunk, pad_token_id).logits[:, queries.shape[1] - 1 : -1]
@@ -453,7 +489,8 @@ def run_trl(world, case, output):
     prompts = Dataset.from_dict({"input_ids": world["prompts"]})
     with tempfile.TemporaryDirectory() as output_dir:
         common = dict(output_dir=output_dir, seed=1, report_to="none", logging_steps=1, save_strategy="no",
-                      push_to_hub=False, disable_tqdm=True, bf16=False, fp16=False, optim="sgd",
+                      push_to_hub=False, disable_tqdm=True, bf16=precision == "bf16", use_cpu=True, fp16=False,
+                      optim="sgd",
                       learning_rate=case["lr"] * SIZES[world["size"]][4],
                       per_device_train_batch_size=sizes["per_device"],
                       gradient_accumulation_steps=case["accumulation"], num_mini_batches=case["minibatches"],
@@ -464,14 +501,14 @@ def run_trl(world, case, output):
                       reward_model_path=world["paths"]["reward"])
         callback = Metrics()
         if rloo:
-            config = trl.RLOOConfig(**common, rloo_k=2)
+            config = trl.RLOOConfig(**{**common, "rloo_k": 2, **chosen})
             trainer = trl.RLOOTrainer(config=config, processing_class=tokenizer, policy=policy, ref_policy=ref_policy,
                                       reward_model=reward_model, train_dataset=prompts, callbacks=[callback])
             module, function = rloo_trainer, trl.RLOOTrainer.train
         else:
             value_model = load(AutoModelForSequenceClassification, world["paths"]["reward"], num_labels=1)
-            config = trl.PPOConfig(**common, vf_coef=0.1, cliprange_value=0.2, gamma=1.0, lam=0.95,
-                                   whiten_rewards=False, kl_estimator="k1")
+            config = trl.PPOConfig(**{**common, "vf_coef": 0.1, "cliprange_value": 0.2, "gamma": 1.0, "lam": 0.95,
+                                      "whiten_rewards": False, "kl_estimator": "k1", **chosen})
             trainer = trl.PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref_policy,
                                      reward_model=reward_model, value_model=value_model, train_dataset=prompts,
                                      callbacks=[callback])
@@ -627,6 +664,8 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmark", "results", "trl_parity_cpu"),
                         help="results prefix (.md and .json are added)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: autocast on both sides (--dtype bf16; TRL's bf16=True), measured, not pinned")
     parser.add_argument("--write-fixture", action="store_true",
                         help="also write TRL's results for the small model to tests/fixtures/trl021_parity.json")
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)  # one side, in its own venv
@@ -639,9 +678,9 @@ def main(argv=None):
         with open(os.path.join(args.world, "world.json")) as f:
             world = json.load(f)
         if args.side == "ours":
-            run_ours(world, CASES[args.case], args.result, args.full_script)
+            run_ours(world, CASES[args.case], args.result, args.full_script, args.precision)
         else:
-            run_trl(world, CASES[args.case], args.result)
+            run_trl(world, CASES[args.case], args.result, args.precision)
         return
     if not args.trl_python:
         parser.error("--trl-python is required (a venv with trl==0.21.0; see benchmark/trl_baseline.py)")
@@ -651,12 +690,16 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="trl-parity-") as scratch:
         for size in args.sizes:
             world = build_world(os.path.join(scratch, size), size)
+            if args.precision == "bf16":
+                results[f"{size}: bf16 log-softmax"] = bf16_log_softmax_error(world)
             for name in args.cases:
                 case, sides = CASES[name], {}
                 for side, python in (("trl", args.trl_python), ("ours", sys.executable)):
                     result = os.path.join(scratch, f"{size}-{side}-{list(CASES).index(name)}.json")
                     command = [python, os.path.abspath(__file__), "--side", side, "--world",
-                               os.path.join(scratch, size), "--case", name, "--result", result]
+                               os.path.join(scratch, size), "--case", name, "--result", result,
+                               "--precision", args.precision,
+                               *(["--full-script"] if side == "ours" and "options" in case else [])]  # their flags
                     print(f"[{size}] {name}: {side} side", flush=True)
                     done = subprocess.run(command, capture_output=True, text=True)
                     if done.returncode != 0:
@@ -668,15 +711,17 @@ def main(argv=None):
                                 initial_weights(world, case["script"]))
                 results[f"{size}: {name}"] = {"max_relative_difference": table,
                                                "clipfrac_trl": clip_fractions(sides["trl"]),
-                                               "clipfrac_ours": clip_fractions(sides["ours"])}
+                                               "clipfrac_ours": clip_fractions(sides["ours"]),
+                                               "first_update": {side: {k: sides[side]["metrics"][0][k] for k in FIRST}
+                                                                for side in ("trl", "ours")}}
                 worst = max(table.values())
                 print(f"    worst relative difference {worst:.2e} ({max(table, key=table.get)}); clip fraction "
                       f"per update {['%.3f' % c for c in clip_fractions(sides['trl'])]}", flush=True)
                 if size == "small":
-                    fixture["world"] = {k: world[k] for k in ("prompts", "completions", "checksum")}
+                    fixture["world"] = {k: world[k] for k in ("prompts", "completions", "stop_token_id", "checksum")}
                     fixture[name] = {k: sides["trl"][k] for k in ("updates", "steps", "losses", "metrics")}
     write_results(results, args)
-    if args.write_fixture:
+    if args.write_fixture and args.precision == "fp32":
         path = os.path.join(ROOT, "tests", "fixtures", "trl021_parity.json")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
@@ -685,19 +730,51 @@ def main(argv=None):
         print(f"wrote {path}")
 
 
+# At the first update the policy is the reference: in fp32 both sides' KL is exactly 0 and their ratio exactly 1.
+FIRST = ("objective/kl", "val/ratio", "policy/approxkl_avg")
+
+
+def bf16_log_softmax_error(world):
+    """Per token, |log-softmax in bf16 - in fp32| of the same bf16 logits (the policy under autocast, the world's
+    completions one at a time): what selective_log_softmax's bf16 branch adds where the logits are bf16 (TRL under
+    DeepSpeed, whose models hold bf16 weights); the scripts' TokenLogprob works in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(world["paths"]["sft"])
+    tokens, sums = [], []
+    for cid, completion in world["completions"].items():
+        ids = torch.tensor([world["prompts"][int(cid.split(",")[0])] + completion])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = policy(ids).logits[0, -RESPONSE_LENGTH - 1 : -1] / TEMPERATURE  # bf16, as TRL divides them
+        index = torch.tensor(completion)[:, None]
+        error = (logits.log_softmax(-1).gather(-1, index).float() - logits.float().log_softmax(-1).gather(-1, index))
+        tokens.append(error.abs().flatten())
+        sums.append(error.sum().abs())
+    tokens = torch.cat(tokens)
+    return {"logits dtype": str(logits.dtype), "per token, mean": tokens.mean().item(),
+            "per token, max": tokens.max().item(), "per completion sum, mean": torch.stack(sums).mean().item()}
+
+
 def write_results(results, args):
+    softmax = {key: results.pop(key) for key in list(results) if key.endswith("bf16 log-softmax")}
     quantities = sorted({q for r in results.values() for q in r["max_relative_difference"]})
     lines = [f"Largest relative difference between rloo.py / ppo.py and TRL 0.21.0 on the same fixed batch "
-             f"(fp32, CPU, SGD; `python benchmark/trl_parity.py {' '.join(sys.argv[1:])}`). A cell is the largest "
-             "||ours - TRL|| / ||TRL|| over every update, micro-batch or optimizer step.", ""]
+             f"({args.precision}, CPU, one process, SGD; `python benchmark/trl_parity.py {' '.join(sys.argv[1:])}`). "
+             "A cell is the largest ||ours - TRL|| / ||TRL|| over every update, micro-batch or optimizer step.", ""]
     for key, result in results.items():
         table = result["max_relative_difference"]
+        first = result["first_update"]
         lines.append(f"**{key}**: worst {max(table.values()):.1e}; TRL's clip fraction per update "
-                     f"{', '.join('%.3f' % c for c in result['clipfrac_trl'])}")
+                     f"{', '.join('%.3f' % c for c in result['clipfrac_trl'])}; update 1, TRL / ours: "
+                     + ", ".join(f"{k} {first['trl'][k]:.3g} / {first['ours'][k]:.3g}" for k in FIRST))
     lines += ["", "| quantity | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for quantity in quantities:
         cells = [results[k]["max_relative_difference"].get(quantity) for k in results]
         lines.append(f"| {quantity} | " + " | ".join("" if c is None else f"{c:.1e}" for c in cells) + " |")
+    lines += ["", *(f"{key}: " + ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in value.items()) for key, value in softmax.items())]
+    results.update(softmax)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

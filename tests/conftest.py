@@ -16,6 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "benchmark"))
+import trl_parity  # noqa: E402
 
 # Metric names shared by rloo.py and ppo.py: TRL's, and the first-minibatch ratio diagnostics.
 TRL_METRICS = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
@@ -30,6 +32,25 @@ def run_script(script, *flags, timeout=600):
     user would; returns the CompletedProcess (never raises on failure)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": ROOT})
+
+
+@pytest.fixture(scope="session")
+def parity_world(tmp_path_factory):
+    """benchmark/trl_parity.py's small world (its root and its description), rebuilt from its seeds in a second."""
+    root = str(tmp_path_factory.mktemp("trl-parity") / "small")
+    return root, trl_parity.build_world(root, "small")
+
+
+def run_ours(world, case, result, patch="", full_script=False):
+    """One case of benchmark/trl_parity.py through a core, or its full script (the harness's own side), in a process
+    of its own, with `patch` run first; returns what it recorded."""
+    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'benchmark')!r}]\n{patch}\n"
+            f"import trl_parity; trl_parity.main(['--side', 'ours', '--world', {world!r}, '--case', {case!r}, "
+            f"'--result', {str(result)!r}]" + (" + ['--full-script']" if full_script else "") + ")")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(result) as f:
+        return json.load(f)
 
 
 def assert_one_line_error(result, message):

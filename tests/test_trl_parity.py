@@ -5,14 +5,9 @@ gradient and every logged TRL metric. TRL is not needed here; its numbers are fa
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-import trl_parity  # noqa: E402
+from conftest import ROOT, run_ours, trl_parity
 
 with open(os.path.join(ROOT, "tests", "fixtures", "trl021_parity.json")) as f:
     FIXTURE = json.load(f)
@@ -22,32 +17,22 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The small world of the fixture, rebuilt from its seeds (a second); refused if it is not the same world."""
-    root = str(tmp_path_factory.mktemp("trl-parity") / "small")
-    built = trl_parity.build_world(root, "small")
-    assert built["prompts"] == FIXTURE["world"]["prompts"] and built["completions"] == FIXTURE["world"]["completions"]
+def world(parity_world):
+    """The fixture's world, or the test is refused: not the same world."""
+    root, built = parity_world
+    assert all(built[key] == FIXTURE["world"][key] for key in ("prompts", "completions", "stop_token_id"))
     assert built["checksum"] == pytest.approx(FIXTURE["world"]["checksum"], rel=1e-9), "the seeded weights changed"
     return root
 
 
-def run_ours(world, case, result, patch="", full_script=False):
-    """One case through a core, or its full script (benchmark/trl_parity.py's own side), optionally with `patch` run
-    first."""
-    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'benchmark')!r}]\n{patch}\n"
-            f"import trl_parity; trl_parity.main(['--side', 'ours', '--world', {world!r}, '--case', {case!r}, "
-            f"'--result', {str(result)!r}]" + (" + ['--full-script']" if full_script else "") + ")")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    with open(result) as f:
-        return json.load(f)
-
-
 AGREEING = [name for name, case in trl_parity.CASES.items() if not case.get("trl_stops_at_eos")]
+# A case with TRL's options runs on the full scripts only (the options are their flags), and in the quick suite.
+RUNS = [pytest.param(name, full, id=f"{name} [{'full' if full else 'core'}]",
+                     marks=[pytest.mark.slow] if full and "options" not in trl_parity.CASES[name] else [])
+        for name in AGREEING for full in (False, True) if full or "options" not in trl_parity.CASES[name]]
 
 
-@pytest.mark.parametrize("full_script", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["core", "full"])
-@pytest.mark.parametrize("case", AGREEING)
+@pytest.mark.parametrize("case,full_script", RUNS)
 def test_scripts_compute_what_trl_computes_on_a_fixed_batch(world, case, full_script, tmp_path):
     table = trl_parity.compare(run_ours(world, case, tmp_path / "ours.json", full_script=full_script),
                                FIXTURE["cases"][case])
@@ -55,7 +40,18 @@ def test_scripts_compute_what_trl_computes_on_a_fixed_batch(world, case, full_sc
     # (the std of the micro-batch ratio means agrees to 1e-7 here; a population variance in place of TRL's unbiased
     # one would move it by about 1e-4)
     tolerance = {trl_parity.RATIO_STD: 1e-6}
-    assert {name: value for name, value in table.items() if not value <= tolerance.get(name, TOLERANCE)} == {}
+    outside = {name: value for name, value in table.items() if not value <= tolerance.get(name, TOLERANCE)}
+    # nothing differs but the case's named difference, which must still be there
+    assert set(outside) == set(trl_parity.CASES[case].get("differs", [])), outside
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [name for name in AGREEING if "options" in trl_parity.CASES[name]])
+def test_each_option_case_fails_without_its_option(world, case, tmp_path):
+    # The option is what makes the case agree: the same batch through the core, without it, does not.
+    patch = f"import trl_parity; trl_parity.CASES[{case!r}].pop('options')"
+    table = trl_parity.compare(run_ours(world, case, tmp_path / "ours.json", patch), FIXTURE["cases"][case])
+    assert max(table.values()) > 1e-3, table
 
 
 @pytest.mark.slow

@@ -406,6 +406,7 @@ def main(args: Args) -> None:
                 chunk_scores = reward_scores(reward_model, chunk_query_responses, chunk_attention_mask, last_index)
                 chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores,
                                chunk_values))
+        # The whole batch: each token's KL to the reference, the EOS trick on the scores, the training passes' inputs.
         responses, response_mask, logprobs, ref_logprobs, scores, values = map(torch.cat, zip(*chunks))  # (B, R), (B,)
         logprobs, ref_logprobs = (x.masked_fill(~response_mask, 0.0) for x in (logprobs, ref_logprobs))
         kl = logprobs - ref_logprobs  # (B, R): each token's k1 KL to the reference, zero after the stop token

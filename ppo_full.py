@@ -137,7 +137,8 @@ class Args:
     """whiten the per-token rewards over the batch before GAE"""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """the per-token KL in the reward, of r = p_ref / p at the sampled token: k1 = -log r, or k3 = (r - 1) - log r
-    (Schulman's estimators, as TRL's PPOTrainer option: both unbiased, k3 never negative and of lower variance)"""
+    (Schulman's estimators, as TRL's PPOTrainer option: both unbiased, k3 never negative and usually of lower
+    variance)"""
     num_ppo_epochs: int = 4
     """passes of optimisation over each batch of completions"""
     num_mini_batches: int = 1
@@ -686,6 +687,7 @@ def main(args: Args) -> None:
                 sampler_chunks.append(sampled_logprobs)
                 chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores,
                                chunk_values))
+        # The whole batch: each token's KL to the reference, the EOS trick on the scores, the training passes' inputs.
         responses, response_mask, logprobs, ref_logprobs, scores, values = map(torch.cat, zip(*chunks))  # (B, R), (B,)
         logprobs, ref_logprobs = (x.masked_fill(~response_mask, 0.0) for x in (logprobs, ref_logprobs))
         kl = logprobs - ref_logprobs  # (B, R): each token's k1 KL to the reference, zero after the stop token

@@ -624,6 +624,7 @@ def main(args: Args) -> None:
                             rows[i : i + args.local_rollout_forward_batch_size], columns)
                 sampler_chunks.append(sampled_logprobs)
                 chunks.append((chunk_responses, chunk_mask, chunk_logprobs, chunk_ref_logprobs, chunk_scores))
+        # The whole batch: each token's KL to the reference, the EOS trick on the scores, the training passes' inputs.
         responses, response_mask, logprobs, ref_logprobs, scores = map(torch.cat, zip(*chunks))  # (k * B, R), (k * B,)
         logprobs, ref_logprobs = (x.masked_fill(~response_mask, 0.0) for x in (logprobs, ref_logprobs))
         kl = logprobs - ref_logprobs  # (k * B, R): each token's k1 KL to the reference, zero after the stop token
@@ -647,7 +648,7 @@ def main(args: Args) -> None:
         # 6. Loss: PPO-clip on the sequence-level ratio, over epochs x minibatches x accumulated micro-batches.
         stats = collections.defaultdict(list)  # logged as the mean over the update, each under its name
         first_minibatch = []  # (new, old logprobs, mask) of each micro-batch, for the ratio diagnostics
-        if args.normalize_advantage:  # as TRL's RLOOTrainer, on the leave-one-out advantages
+        if args.normalize_advantage:  # step 5's advantages whitened, as TRL's RLOOTrainer does right after them
             advantages = whitened(advantages, scored)
         for name, value in (("score", scores[scored]), ("KL", kl)):
             if not torch.isfinite(value).all():  # in every dtype: nothing good is learnt from a NaN reward

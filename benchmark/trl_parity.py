@@ -70,8 +70,8 @@ PPO_1 = dict(CASES["ppo, 1 epoch"])
 CASES.update({
     "rloo, normalize_reward (clipped at 1)": dict(RLOO_1, options=dict(normalize_reward=True, reward_clip_range=1.0)),
     "rloo, normalize_advantage": dict(RLOO_1, options=dict(normalize_advantage=True)),
-    # TRL's RLOO does not give generate() the stop token: it samples on to the EOS and cuts the completion at the
-    # stop token after, but val/num_eos_tokens counts the EOS tokens of the uncut completions.
+    # TRL's RLOO generates the full length and cuts each completion at its stop token after; val/num_eos_tokens
+    # counts the EOS tokens of the uncut completions, those sampled after the stop token too.
     "rloo, stop_token_id": dict(RLOO_1, options=dict(stop_token=None, stop_token_id="STOP"),
                                 differs=["metric val/num_eos_tokens"]),
     "rloo, token_level_kl (TRL only: the scripts' sequence KL)": dict(RLOO_1, trl_options=dict(token_level_kl=True)),
@@ -440,8 +440,9 @@ def run_trl(world, case, output, precision="fp32"):
         if case.get("trl_stops_at_eos"):  # as wide as the longest completion, as PPOTrainer's generate() stops
             completions = completions[:, : int((completions == EOS).int().argmax(1).max()) + 1]
         stop = chosen.get("stop_token_id")
-        if stop is not None and not rloo:  # PPOTrainer makes it generate()'s EOS: a row that sampled it goes on with it
-            completions = completions.masked_fill((completions == stop).cumsum(1) > 0, stop)
+        if stop is not None and not rloo:  # PPOTrainer makes the stop token generate()'s EOS: padding after it
+            completions = completions.masked_fill((completions == stop).cumsum(1) - (completions == stop).long() > 0,
+                                                  PAD)  # (RLOOTrainer sets the policy's EOS to None: the full length)
         query_responses = torch.cat([queries, completions], 1)
         with torch.no_grad():  # in the chunks TRL's reference forward takes, so that its first KL is exactly 0
             logits = torch.cat([trl_forward(model, chunk, pad_token_id).logits[:, queries.shape[1] - 1 : -1]

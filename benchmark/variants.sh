@@ -4,7 +4,7 @@
 # setting where they can differ: 2 epochs x 2 minibatches of 32 (the Pythia presets' structure, so 3 of every 4
 # steps see a ratio other than 1), gradient clipping off (as TRL runs without DeepSpeed), 200 updates of 64; then
 # one table of the gold win rate and the KL, and a plot. The variants' seams and math: docs/variants.md.
-#   bash benchmark/variants.sh               # about 40 minutes on 2 CPU cores
+#   bash benchmark/variants.sh               # about 13 minutes on 2 CPU cores
 #   DRY_RUN=1 bash benchmark/variants.sh     # print the commands only
 set -euo pipefail
 cd "$(dirname "$0")/.."

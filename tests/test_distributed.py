@@ -232,7 +232,10 @@ def test_lora_on_two_processes_computes_what_one_process_computes(tmp_path, scri
     if script.startswith("rloo"):  # (see the test above: PPO's gradient legitimately differs with the micro-batches)
         assert_same_update(one_metrics[0], two_metrics[0], ["loss/policy_avg"])
         assert rank0["grad_norms"][0] == pytest.approx(one["grad_norms"][0], rel=1e-4)
-        assert rank0["checksums"][0] == pytest.approx(one["checksums"][0], rel=1e-6)
+        # AdamW's first step is about lr x sign(g) where |g| >> eps, and lr x g / eps where it is not: on entries
+        # whose gradient is rounding-sized the two runs' steps differ by that rounding, amplified. On this session's
+        # CPU: 2.4e-5 relative (the same at 624da89; an earlier CPU stayed within 1e-6).
+        assert rank0["checksums"][0] == pytest.approx(one["checksums"][0], rel=1e-4)
 
 
 def test_lora_under_zero3_is_refused_with_one_line(tmp_path):

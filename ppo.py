@@ -417,8 +417,7 @@ def main(args: Args) -> None:
         loss_mask, value_mask = response_mask, value_positions(response_mask)
         values = values.masked_fill(~value_mask, 0.0)
 
-        # 4. KL-penalised reward: every token is an action, rewarded -kl_coef x its KL; the score (the EOS trick's
-        #    penalty in it) comes one step after the EOS token.
+        # 4. KL-penalised reward: every token an action rewarded -kl_coef x its KL; the score one step after the EOS.
         rewards = token_rewards(scores, kl, response_mask, args.kl_coef)  # (rlhf_reward below: for the log)
         non_score_reward = -args.kl_coef * kl.sum(1)
         rlhf_reward = scores + non_score_reward

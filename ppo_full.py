@@ -640,7 +640,9 @@ def main(args: Args) -> None:
                       f"{args.world_size} x {device.type}, {args.dtype}; output in {args.output_dir}")
     for update in range(first_update, args.num_updates + 1):
         update_start = time.perf_counter()
-        seconds = dict.fromkeys(("generation", "forward", "backward", "optimizer"), 0.0)  # the rest is time/other
+        # each phase's wall time (the rest is time/other); rollout_forward: the reference, reward, policy and value
+        # passes that score the rollout (the policy's being the first training pass where it is kept)
+        seconds = dict.fromkeys(("generation", "rollout_forward", "training_forward", "backward", "optimizer"), 0.0)
         if sampler is not unwrapped_policy and (update - 1) % args.sampler_sync_every == 0:
             sampler.load_state_dict(unwrapped_policy.state_dict())  # the engine takes the policy's weights
         # 1. Generate: one completion per prompt.
@@ -659,7 +661,7 @@ def main(args: Args) -> None:
                     stop_non_finite(update, "logits in sampling")
                 chunk_query_responses = torch.cat([chunk_queries, chunk_responses], 1)
                 chunk_attention_mask = torch.cat([chunk_queries != pad_id, chunk_mask], 1)
-                with timed(seconds, "forward"):
+                with timed(seconds, "rollout_forward"):
                     # 2. Logprobs of the sampled tokens under the reference and the policy (or the sampler's); values.
                     chunk_ref_logprobs = policy_forward(ref_policy, chunk_query_responses, chunk_attention_mask,
                                                         context_length, temperature, learner_top_p).logprobs
@@ -735,7 +737,7 @@ def main(args: Args) -> None:
                     if epoch == 0 and train_on_rollout_forward:  # the rollout's own pass, kept: same computation
                         output = PolicyOutput(*(tensor[idx] for tensor in kept_forward))
                     else:  # (accumulate: DDP averages the gradients over processes at the last micro-batch)
-                        with autocast(), accelerator.accumulate(policy_and_value), timed(seconds, "forward"):
+                        with autocast(), accelerator.accumulate(policy_and_value), timed(seconds, "training_forward"):
                             output = policy_and_value(query_responses[idx], attention_masks[idx], context_length,
                                                       temperature, learner_top_p)  # everything the loss below may use
                     new_logprobs, new_values = output.logprobs.masked_fill(~response_mask[idx], 0.0), output.values

@@ -29,7 +29,8 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PHASES = ("generation", "forward", "backward", "optimizer", "other")  # the scripts' time/* per update
+# the full scripts' time/* per update
+PHASES = ("generation", "rollout_forward", "training_forward", "backward", "optimizer", "other")
 
 # Pythia's shapes (Biderman et al. 2023): hidden size, layers, attention heads.
 SHAPES = {"14m": (128, 6, 4), "70m": (512, 6, 8), "160m": (768, 12, 12), "410m": (1024, 24, 16),

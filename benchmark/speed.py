@@ -51,7 +51,7 @@ class Args:
 def measure_trl(trl_python: str, trainer: str, paths: dict, dataset: str, settings: memory_runtime.Args,
                 scratch: str) -> dict:
     """TRL at exactly the settings memory_runtime.measure gives our scripts."""
-    output = os.path.join(scratch, f"trl-{trainer}-{settings.num_ppo_epochs}.json")
+    output = os.path.join(scratch, f"trl-{trainer}-{settings.num_ppo_epochs}-{settings.dtype}.json")
     command = [trl_python, os.path.join(ROOT, "benchmark", "trl_baseline.py"), "--trainer", trainer,
                "--sft-model-path", paths["sft_model_path"], "--reward-model-path", paths["reward_model_path"],
                "--dataset-name", dataset, "--updates", str(settings.updates), "--batch-size", str(settings.batch_size),
@@ -59,7 +59,7 @@ def measure_trl(trl_python: str, trainer: str, paths: dict, dataset: str, settin
                "--num-ppo-epochs", str(settings.num_ppo_epochs), "--learning-rate", str(settings.learning_rate),
                "--num-mini-batches", str(settings.num_mini_batches),
                "--gradient-accumulation-steps", str(settings.gradient_accumulation_steps),
-               "--max-prompt-length", "64", "--output-json", output]
+               "--max-prompt-length", "64", "--dtype", settings.dtype, "--output-json", output]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()

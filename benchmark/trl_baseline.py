@@ -14,18 +14,27 @@ draws local_batch_size / rloo_k prompts per update, each repeated rloo_k times; 
 one completion each (its PPO counts per_device x accumulation as the whole batch: the sizes given to it below make
 the same minibatches and micro-batches as the scripts'). --num-mini-batches and --gradient-accumulation-steps
 (default 1) as the scripts take them; the whole batch generated and scored in one chunk,
-exactly --response-length tokens per completion (no stop token, no missing-EOS penalty), temperature 0.7, fp32,
-seed 1, torch's default thread count. The policy, its reference (a second copy) and the reward model load from
-the given directories; PPO's value model is another copy of the reward model, as in ppo.py.
+exactly --response-length tokens per completion (no stop token, no missing-EOS penalty), temperature 0.7,
+fp32 (or --dtype bf16), seed 1, torch's default thread count. The policy, its reference (a second copy) and the
+reward model load from the given directories; PPO's value model is another copy of the reward model, as in ppo.py.
 
 Time: the wall time between consecutive updates, taken by a callback at `on_step_end`, which both trainers call
 once per update; the first update is warm-up, the result is the median over updates 2..N. Memory: the process's
 peak RSS (ru_maxrss), as our scripts log memory/peak_gb on a CPU (GB = 2**30 bytes). On 2 cores another busy
 process slows an update several times over, so each update also records how many cores other processes used
 (from /proc/stat), and a warning says when a timed update was not run on an idle machine.
+
+Phases: the same split as the full scripts' time/*, by wrapping TRL's calls with a clock (PhaseClock): its
+batch_generation (generation), each model's forward and backbone and TRL's selective_log_softmax, charged to
+rollout_forward under no_grad and to training_forward with grad, accelerator.backward (backward), and the
+optimizer's step and zero_grad (optimizer). The rest (TRL's in-place logits / temperature, its statistics' entropy,
+its gc.collect()) is the update's time outside the phases.
+Only the outermost wrapped call is charged, so the policy's forwards inside generation count as generation.
 """
 
 import argparse
+import collections
+import functools
 import json
 import os
 import resource
@@ -54,6 +63,9 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--learning-rate", type=float, default=3e-6, help="as our scripts' default")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: TRL's bf16=True: accelerate's autocast around the trained module's forward only "
+                        "(the reference, reward model and PPO's generation and rollout value pass stay fp32)")
     parser.add_argument("--output-json", required=True, help="where the result is written")
     args = parser.parse_args(argv)
     if args.updates < 2:
@@ -89,6 +101,31 @@ def busy_cpu_seconds():
         return None, own
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own
+
+
+class PhaseClock:
+    """Wall time of the wrapped calls, per phase; a call inside another wrapped call belongs to the outer one."""
+
+    def __init__(self):
+        self.seconds, self.running = collections.defaultdict(float), False
+
+    def wrap(self, function, phase=None):
+        """phase None: rollout_forward under no_grad, training_forward with grad."""
+        import torch
+
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            if self.running:
+                return function(*args, **kwargs)
+            name = phase or ("training_forward" if torch.is_grad_enabled() else "rollout_forward")
+            self.running, start = True, time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.running = False
+                self.seconds[name] += time.perf_counter() - start
+
+        return timed
 
 
 def check_dir(path: str, what: str, flag: str, needs: str = "") -> None:
@@ -190,6 +227,7 @@ def main(argv=None) -> None:
 
         def __init__(self):
             self.seconds, self.peaks, self.others, self.last, self.cpu = [], [], [], None, None
+            self.clock, self.phases, self.charged = PhaseClock(), [], {}
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.last, self.cpu = time.perf_counter(), busy_cpu_seconds()
@@ -197,6 +235,9 @@ def main(argv=None) -> None:
         def on_step_end(self, args, state, control, **kwargs):
             now, cpu = time.perf_counter(), busy_cpu_seconds()
             self.seconds.append(now - self.last)
+            self.phases.append({phase: total - self.charged.get(phase, 0.0)
+                                for phase, total in self.clock.seconds.items()})
+            self.charged = dict(self.clock.seconds)
             self.peaks.append(peak_gb())
             # cores' worth of CPU other processes used during this update (None without /proc/stat)
             others = None if cpu[0] is None else max(0.0, (cpu[0] - self.cpu[0]) - (cpu[1] - self.cpu[1]))
@@ -210,7 +251,9 @@ def main(argv=None) -> None:
         common = dict(
             output_dir=output_dir, exp_name=f"trl_{args.trainer}", seed=args.seed, report_to="none",
             logging_steps=1, save_strategy="no", eval_strategy="no", push_to_hub=False, disable_tqdm=True,
-            bf16=False, fp16=False,  # OnPolicyConfig turns bf16 on unless told
+            bf16=args.dtype == "bf16", fp16=False,  # OnPolicyConfig turns bf16 on unless told
+            # (transformers refuses bf16 without a GPU unless told the run is on the CPU)
+            **({"use_cpu": True} if args.dtype == "bf16" and not torch.cuda.is_available() else {}),
             # The same work as the scripts: TRL's RLOO counts like them; its PPO takes per_device x accumulation as
             # the whole batch, so with one minibatch per_device is a micro-batch, and with several (no accumulation)
             # per_device is the whole batch.
@@ -239,9 +282,20 @@ def main(argv=None) -> None:
                     "prompts_per_update": prompts_per_update}
         if derived != expected:
             sys.exit(f"error: TRL derived other batch sizes than asked: {derived} instead of {expected}")
+        clock = timer.clock  # the phases: TRL's module-level batch_generation, the models' calls, backward, the step
+        trainer_module = sys.modules[type(trainer).__module__]
+        trainer_module.batch_generation = clock.wrap(trainer_module.batch_generation, "generation")
+        for model in models:
+            backbone = getattr(model, model.base_model_prefix)  # TRL's get_reward calls the backbone directly
+            model.forward, backbone.forward = clock.wrap(model.forward), clock.wrap(backbone.forward)
+        # TRL's log-softmax at the sampled tokens runs outside the models' calls (ours, inside policy_forward)
+        trainer_module.selective_log_softmax = clock.wrap(trainer_module.selective_log_softmax)
+        trainer.accelerator.backward = clock.wrap(trainer.accelerator.backward, "backward")
+        trainer.optimizer.step = clock.wrap(trainer.optimizer.step, "optimizer")
+        trainer.optimizer.zero_grad = clock.wrap(trainer.optimizer.zero_grad, "optimizer")
         print(f"TRL {trl.__version__} {args.trainer.upper()}: {updates} updates of {args.batch_size} completions "
               f"({prompts_per_update} prompts" + (f" x k={args.rloo_k}" if rloo else "") + f") x "
-              f"{args.response_length} tokens, {args.num_ppo_epochs} epoch(s), fp32, {torch.get_num_threads()} "
+              f"{args.response_length} tokens, {args.num_ppo_epochs} epoch(s), {args.dtype}, {torch.get_num_threads()} "
               f"threads; {len(models)} models hold {parameters / 1e6:.2f}M parameters", flush=True)
         trainer.train()
 
@@ -255,6 +309,9 @@ def main(argv=None) -> None:
         "torch_version": torch.__version__,
         "s_per_update": s_per_update,
         "per_update_s": timer.seconds,
+        **{f"{phase}_s": statistics.median(p.get(phase, 0.0) for p in timer.phases[1:])
+           for phase in ("generation", "rollout_forward", "training_forward", "backward", "optimizer")},
+        "phases_per_update": timer.phases,
         "peak_gb": peak_gb(),
         "peak_gb_per_update": timer.peaks,
         "other_cores_per_update": timer.others,  # CPU other processes took, in cores: > 0.1 means a noisy time
@@ -267,7 +324,7 @@ def main(argv=None) -> None:
             "num_mini_batches": args.num_mini_batches, "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "local_rollout_forward_batch_size": args.batch_size,
             "max_prompt_length": args.max_prompt_length, "prompts": len(train_dataset), "dataset_rows": dataset_rows,
-            "temperature": args.temperature, "stop_token": None, "missing_eos_penalty": None, "dtype": "fp32",
+            "temperature": args.temperature, "stop_token": None, "missing_eos_penalty": None, "dtype": args.dtype,
             "learning_rate": args.learning_rate, "seed": args.seed, "torch_threads": torch.get_num_threads(),
             "sft_model_path": args.sft_model_path, "reward_model_path": args.reward_model_path,
             "dataset_name": args.dataset_name, "trl_derived": derived,

@@ -317,8 +317,9 @@ def test_speed_table_has_our_rows_and_the_phases_without_trl(tmp_path, monkeypat
     table = open(f"{prefix}.md").read()
     assert "| RLOO | 1 |" in table and "| PPO | 1 |" in table and "not run" in table  # no TRL venv given
     rows = json.load(open(f"{prefix}.json"))["rows"]
-    for row in rows:  # every phase measured, the time outside model calls a small share
-        assert all(row["ours"][f"{phase}_s"] > 0 for phase in memory_runtime.PHASES[:-1])
+    for row in rows:  # every phase measured (at 1 epoch the training forward is the rollout's, kept), little other
+        assert all(row["ours"][f"{phase}_s"] > 0 for phase in memory_runtime.PHASES[:-1] if phase != "training_forward")
+        assert row["ours"]["training_forward_s"] == 0
         assert row["ours"]["other_s"] < 0.25 * row["ours"]["s_per_update"]
 
 

@@ -296,7 +296,8 @@ def main(args: Args) -> None:
              f"{peaks['bandwidth_read'] / 1e9:.1f}, over 512 MB arrays; {peaks['cache_bandwidth'] / 1e9:.1f} over "
              "16 MB ones). Seconds per update: the median "
              f"of {args.repeats} runs' medians over updates 2..{args.updates}, [the runs' range]; fraction: roofline /"
-             " median. TRL's other: its median update minus its phases' medians.", ""]
+             " median. TRL / ours: the median of each run pair's own ratio. TRL's other: each run's median update "
+             "minus its phases' medians, then the median over runs.", ""]
     for row in rows:
         batch, minibatches, micro, epochs = STRUCTURES[row["structure"]][row["algorithm"]]
         ours, trl = row["ours"], row["trl"]

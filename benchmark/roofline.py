@@ -49,12 +49,15 @@ class Args:
     bf16_structures: tuple[Literal["speed", "presets"], ...] = ("speed",)
     """the structures also run in bf16 (slow on a CPU without bf16 kernels)"""
     algorithms: tuple[Literal["rloo", "ppo"], ...] = ("rloo", "ppo")
+    """the full scripts (and TRL trainers) to measure"""
     repeats: int = 3
     """separate runs of each side per row: the figure is the median of the runs' medians, with their range"""
     updates: int = 4
     """updates per run, at least 2; the first is warm-up"""
     rloo_k: int = 2
+    """RLOO's completions per prompt"""
     response_length: int = 32
+    """tokens per completion (no early stop)"""
     trl_python: str = ""
     """python of a venv with trl==0.21.0 (empty: our scripts only)"""
     output: str = ""
